@@ -1,0 +1,109 @@
+"""Find the first module whose output went non-finite: a diagnostic re-run with per-module hooks.
+
+The hooks exist only for the duration of one re-run of the failing component with the very
+inputs it got. The re-run stops at the first non-finite module output, so a diagnosis costs
+at most one forward, and it returns the chain of enclosing calls with their inputs so that a
+strategy can re-run any of them in isolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .casting import Float32Island, cast_floating
+from .checks import host_absmax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """One call of a module during the diagnosis: its qualified name and a copy of its inputs."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def __call__(self) -> Any:
+        return self.module(*self.args, **self.kwargs)
+
+    def in_float32(self) -> Any:
+        """Call the module with its inputs cast to float32 (the module's own dtype is unchanged)."""
+        return self.module(
+            *cast_floating(self.args, torch.float32), **cast_floating(self.kwargs, torch.float32)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a stage first went non-finite: the calls from that module out to the component."""
+
+    calls: tuple[ModuleCall, ...]
+    absmax: float | None
+
+    @property
+    def module_name(self) -> str:
+        return self.calls[0].name
+
+
+class _FirstNonFinite(Exception):
+    """Stops the diagnostic forward at the first non-finite module output."""
+
+
+def _detached_copy(tree: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
+
+
+def float32_absmax(call: ModuleCall) -> float:
+    """The largest magnitude ``call``'s output reaches when its module runs in float32."""
+    island = Float32Island(call.module)
+    try:
+        return host_absmax(call.in_float32())
+    finally:
+        island.revert()
+
+
+def locate_first_non_finite(
+    component: nn.Module, component_name: str, args: tuple, kwargs: dict
+) -> Location | None:
+    """Re-run ``component(*args, **kwargs)`` with hooks; ``None`` if the re-run stays finite."""
+    names = {
+        module: f"{component_name}.{name}" if name else component_name
+        for name, module in component.named_modules()
+    }
+    active: list[ModuleCall] = []
+    found: list[ModuleCall] = []
+
+    def enter(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+        active.append(
+            ModuleCall(names[module], module, _detached_copy(call_args), _detached_copy(call_kwargs))
+        )
+
+    def leave(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:
+        call = active.pop()
+        if not math.isfinite(host_absmax(output)):
+            found.extend([call, *reversed(active)])
+            raise _FirstNonFinite
+
+    handles = []
+    try:
+        for module in names:
+            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(module.register_forward_hook(leave, with_kwargs=True))
+        try:
+            component(*args, **kwargs)
+        except _FirstNonFinite:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found:
+        return None
+    first = found[0]
+    absmax = float32_absmax(first) if first.module is not component else None
+    return Location(calls=tuple(found), absmax=absmax)

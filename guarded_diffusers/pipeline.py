@@ -1,0 +1,90 @@
+"""GuardedFluxFillPipeline: FluxFillPipeline that never returns a silent black image.
+
+A thin subclass: it validates user tensors, installs the guard for the duration of each
+call, checks latents after each step through diffusers' ``callback_on_step_end``, and
+attaches the guard's report to the output. The denoising loop itself is diffusers' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any
+
+import torch
+from diffusers import FluxFillPipeline
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+from .checks import validate_finite_inputs
+from .guard import Guard
+from .report import GuardReport
+from .strategies import UpcastStrategy
+
+# User-supplied tensors that must be finite before any model runs.
+_CHECKED_INPUTS = (
+    "image",
+    "mask_image",
+    "latents",
+    "masked_image_latents",
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+)
+_CALL_SIGNATURE = inspect.signature(FluxFillPipeline.__call__)
+
+
+@dataclasses.dataclass
+class GuardedFluxPipelineOutput(FluxPipelineOutput):
+    """``FluxPipelineOutput`` plus ``guard_report``: the incidents of this call."""
+
+    guard_report: GuardReport | None = None
+
+
+class GuardedFluxFillPipeline(FluxFillPipeline):
+    """Drop-in FluxFillPipeline that checks every stage for NaN/inf and recovers in place.
+
+    Load it like the original (``from_pretrained``, ``from_pipe``); each call's output gains
+    ``guard_report``. Fixes persist across calls; ``pipe.guard.reset()`` undoes them exactly.
+    If nothing recovers a stage, the call raises ``NonFiniteError`` with the report.
+    """
+
+    @functools.cached_property
+    def guard(self) -> Guard:
+        """The guard watching this pipeline: its fixes, its last report, ``reset()``."""
+        return Guard(self, strategies=[UpcastStrategy()])
+
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FluxFillPipeline.encode_prompt, in the text encoders' dtype from before any fix upcast them."""
+        prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(*args, **kwargs)
+        if not self.guard.fixes:
+            return prompt_embeds, pooled_prompt_embeds, text_ids
+        t5_dtype = self.guard.working_dtype("text_encoder_2") or prompt_embeds.dtype
+        clip_dtype = self.guard.working_dtype("text_encoder") or pooled_prompt_embeds.dtype
+        return prompt_embeds.to(t5_dtype), pooled_prompt_embeds.to(clip_dtype), text_ids.to(clip_dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> GuardedFluxPipelineOutput | tuple:
+        bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        validate_finite_inputs({name: arguments[name] for name in _CHECKED_INPUTS if name in arguments})
+        user_callback = arguments.get("callback_on_step_end")
+        user_inputs = list(arguments.get("callback_on_step_end_tensor_inputs", ["latents"]))
+        arguments["callback_on_step_end"] = self._step_callback(user_callback, user_inputs)
+        arguments["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(["latents", *user_inputs]))
+        with self.guard.watching() as report:
+            output = super().__call__(*bound.args[1:], **bound.kwargs)
+        if isinstance(output, tuple):
+            return output
+        return GuardedFluxPipelineOutput(images=output.images, guard_report=report)
+
+    __call__.__signature__ = _CALL_SIGNATURE  # type: ignore[attr-defined]
+
+    def _step_callback(self, user_callback: Any, user_inputs: list[str]) -> Any:
+        """Check the scheduler's latents, then hand the user's callback exactly what it asked for."""
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            self.guard.check_latents(tensors["latents"], step)
+            if user_callback is None:
+                return {}
+            return user_callback(pipeline, step, timestep, {name: tensors[name] for name in user_inputs})
+
+        return on_step_end
