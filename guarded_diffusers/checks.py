@@ -62,6 +62,6 @@ def validate_finite_inputs(arguments: Mapping[str, Any]) -> None:
         bad = _count_non_finite(value)
         if bad:
             raise ValueError(
-                f"`{name}` contains {bad} non-finite value(s) (NaN or inf); the pipeline cannot produce a finite "
-                f"image from it. Check how `{name}` was computed."
+                f"`{name}` contains {bad} non-finite value(s) (NaN or inf); no finite image can come "
+                f"from it. Check how `{name}` was computed."
             )

@@ -8,6 +8,7 @@ strategy can re-run any of them in isolation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -95,10 +96,8 @@ def locate_first_non_finite(
         for module in names:
             handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(module.register_forward_hook(leave, with_kwargs=True))
-        try:
+        with contextlib.suppress(_FirstNonFinite):
             component(*args, **kwargs)
-        except _FirstNonFinite:
-            pass
     finally:
         for handle in handles:
             handle.remove()
