@@ -48,6 +48,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("denoise", "transformer", counts_steps=True),
     Stage("vae_decode", "vae.decoder"),
 )
+_COMPONENTS = tuple(dict.fromkeys(stage.component.split(".")[0] for stage in STAGES))
 # The stage that checks latents after each scheduler step; no module to fix there.
 SCHEDULER_STAGE = "scheduler_step"
 
@@ -78,11 +79,10 @@ class Guard:
     def reset(self) -> None:
         """Revert every fix, newest first: each module returns to its original dtype, bit for bit."""
         self._revert(self.fixes)
-        self._working_dtypes.clear()
 
     def working_dtype(self, component: str) -> torch.dtype | None:
         """The dtype ``component`` reported before any fix changed it."""
-        if component in self._working_dtypes:
+        if self.fixes and component in self._working_dtypes:
             return self._working_dtypes[component]
         module = _resolve(self._pipeline, component)
         return module_dtype(module) if module is not None else None
@@ -93,6 +93,8 @@ class Guard:
         self._report = GuardReport()
         self._fixes_this_call = []
         self._step = 0
+        if not self.fixes:
+            self._working_dtypes = {name: self.working_dtype(name) for name in _COMPONENTS}
         handles = [
             module.register_forward_hook(self._stage_hook(stage), with_kwargs=True)
             for stage in STAGES
@@ -193,11 +195,6 @@ class Guard:
     # -- state ------------------------------------------------------------------------------------
 
     def _remember(self, fix: Fix) -> None:
-        if not self.fixes:
-            self._working_dtypes = {
-                stage.component.split(".")[0]: self.working_dtype(stage.component.split(".")[0])
-                for stage in STAGES
-            }
         self.fixes.append(fix)
         self._fixes_this_call.append(fix)
 

@@ -53,6 +53,17 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         """The guard watching this pipeline: its fixes, its last report, ``reset()``."""
         return Guard(self, strategies=[UpcastStrategy()])
 
+    @classmethod
+    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> GuardedFluxFillPipeline:
+        """Wrap an existing pipeline's components, keeping their dtype unless ``dtype`` is given.
+
+        diffusers' ``from_pipe`` casts the shared components to float32 when no dtype is passed,
+        which would silently turn a float16 pipeline (and the source pipeline) into float32.
+        """
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = pipeline.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FluxFillPipeline.encode_prompt, in the text encoders' dtype from before any fix upcast them."""
         prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(*args, **kwargs)

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny Flux Fill pipelines saved to temp folders and loaded the way users load them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxFillPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from guarded_diffusers.testing import sample_inputs, save_tiny_pipeline
+
+diffusers_logging.set_verbosity_error()
+diffusers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+
+STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, str | None]]:
+    """``saved_model(site)`` -> (folder, first overflowing module); each model is built once per session."""
+    cache: dict[tuple[str | None, int], tuple[Path, str | None]] = {}
+
+    def get(site: str | None = None, seed: int = 0) -> tuple[Path, str | None]:
+        if (site, seed) not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{site or 'clean'}-{seed}")
+            cache[site, seed] = (folder, save_tiny_pipeline(folder, site, seed))
+        return cache[site, seed]
+
+    return get
+
+
+def load(cls: type[FluxFillPipeline], folder: Path, dtype: torch.dtype, **kwargs: Any) -> Any:
+    pipe = cls.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fill(pipe: FluxFillPipeline, seed: int = 0, **overrides: Any) -> Any:
+    """One short fill call with fixed inputs; returns the pipeline output (numpy images)."""
+    arguments: dict[str, Any] = {
+        **sample_inputs(32, seed=seed),
+        "num_inference_steps": STEPS,
+        "max_sequence_length": 32,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    arguments.update(overrides)
+    return pipe(**arguments)
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """Counts forwards of ``module`` from now on, aborted ones too (a one-element list, read ``[0]``)."""
+    calls = [0]
+
+    def hook(*_: Any) -> None:
+        calls[0] += 1
+
+    module.register_forward_pre_hook(hook)
+    return calls
+
+
+def state_snapshot(pipe: FluxFillPipeline) -> dict[str, tuple[torch.dtype, bytes]]:
+    """Every parameter and buffer of every component: dtype and raw bytes, for bit-exact comparison."""
+    snapshot = {}
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            snapshot[f"{component}.{name}"] = (tensor.dtype, raw)
+    return snapshot
+
+
+def hook_count(pipe: FluxFillPipeline) -> int:
+    """Forward hooks and pre-hooks left on any module of any component."""
+    total = 0
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        for module in getattr(pipe, component).modules():
+            total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+    return total
+
+
+def all_finite(images: np.ndarray) -> bool:
+    return bool(np.isfinite(images).all())
