@@ -11,7 +11,6 @@ images side by side as one PNG.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -36,13 +35,13 @@ CAPTION_HEIGHT = 40
 def quiet() -> None:
     """Silence loading chatter and progress bars so the report and the PSNR table stand out.
 
-    The guard's own warnings are silenced too: the demo prints the same incidents from the report.
+    The guard logs under diffusers' logger, so its warnings go quiet too: the demo prints the
+    same incidents from the report.
     """
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("guarded_diffusers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
 
 

@@ -26,7 +26,8 @@ from .locate import Location, locate_first_non_finite
 from .recovery import Fix, RecoveryStrategy
 from .report import GuardReport, Incident, NonFiniteError
 
-logger = logging.get_logger(__name__)
+# Under diffusers' logger, so diffusers.utils.logging.set_verbosity_*() and its handlers apply.
+logger = logging.get_logger(f"diffusers.{__name__}")
 
 # Incidents one stage call may raise before the guard gives up on it (each is a new module).
 MAX_INCIDENTS_PER_CALL = 8
