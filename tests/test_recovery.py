@@ -16,7 +16,7 @@ from guarded_diffusers import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
 from guarded_diffusers.casting import Float32Island
 from guarded_diffusers.fidelity import psnr
 from guarded_diffusers.strategies.upcast import UpcastFix
-from guarded_diffusers.testing import INJECTION_SITES
+from guarded_diffusers.testing import INJECTION_SITES, inject_overflow, tiny_flux_fill_pipeline
 
 
 @pytest.mark.parametrize("site", INJECTION_SITES)
@@ -275,3 +275,20 @@ def test_whole_text_encoder_upcast_keeps_prompt_embeddings_in_the_working_dtype(
     assert {tensor.dtype for tensor in pipe.encode_prompt("a fox", None, max_sequence_length=32)} == {
         torch.float16
     }
+
+
+def test_two_overflows_in_one_component_are_two_incidents_in_one_step(tmp_path):
+    pipe = tiny_flux_fill_pipeline()
+    first = inject_overflow(pipe, "double_block_ff")
+    second = inject_overflow(pipe, "single_block_mlp", block=1)
+    pipe.save_pretrained(tmp_path)
+    guarded = load(GuardedFluxFillPipeline, tmp_path, torch.float16)
+
+    output = fill(guarded)
+
+    assert all_finite(output.images)
+    incidents = output.guard_report.incidents
+    assert [(incident.module, incident.step, incident.recovered) for incident in incidents] == [
+        (first, 0, True),
+        (second, 0, True),
+    ]

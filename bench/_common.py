@@ -1,0 +1,126 @@
+"""Plumbing shared by the benchmark scripts: offline quiet loading, call arguments, counters, memory.
+
+Importing this module sets the offline/quiet environment before diffusers is imported. The
+package is expected installed (``make bench`` installs this checkout in editable mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import FluxFillPipeline  # noqa: E402
+from torch import nn  # noqa: E402
+
+from guarded_diffusers import GuardedFluxFillPipeline  # noqa: E402
+from guarded_diffusers.testing import sample_inputs  # noqa: E402
+
+# The four components that hold weights; their parameters and buffers are the pipeline's memory.
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+MAX_SEQUENCE_LENGTH = 32
+
+
+def quiet() -> None:
+    """Silence progress bars, library logging and known warnings: the scripts print tables only.
+
+    The guard logs under diffusers' logger, so its incident warnings go quiet too; the scripts
+    read incidents from the report.
+    """
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
+    # Plain float16 pipelines turn NaN into images on purpose; numpy's cast warning is expected.
+    warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_summary() -> str:
+    """One line naming the software and CPU budget a figure was measured with."""
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}; {platform.machine()} {available_cpus()} CPU(s), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+
+
+def load(path: str | Path, dtype: torch.dtype, guarded: bool = False) -> FluxFillPipeline:
+    """Load a saved pipeline in ``dtype``, plain or guarded, with its progress bar off."""
+    cls = GuardedFluxFillPipeline if guarded else FluxFillPipeline
+    pipe = cls.from_pretrained(str(path), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(size: int = 32, seed: int = 0, steps: int = 4) -> dict[str, Any]:
+    """Arguments of one pipeline call: ``seed`` draws both the input image and the generator."""
+    return {
+        **sample_inputs(size=size, seed=seed),
+        "num_inference_steps": steps,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(seed),
+    }
+
+
+def generate(pipe: FluxFillPipeline, size: int = 32, seed: int = 0, steps: int = 4) -> Any:
+    """One call of ``pipe`` with ``call_kwargs``; returns the pipeline output."""
+    return pipe(**call_kwargs(size, seed, steps))
+
+
+class ForwardCounter:
+    """Counts calls of one module: ``started`` by a pre-hook, ``completed`` by a forward hook.
+
+    Both are needed because the guard's diagnostic re-run raises out of the component at the
+    first non-finite submodule: it starts a forward that never completes.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.completed = 0
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        self.started += 1
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.completed += 1
+
+    @contextlib.contextmanager
+    def watching(self, module: nn.Module) -> Iterator[ForwardCounter]:
+        """Count ``module``'s calls inside the block; the hooks are removed on exit."""
+        handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def parameter_bytes(pipe: FluxFillPipeline) -> int:
+    """Bytes held by the parameters and buffers of the pipeline's four weight components."""
+    total = 0
+    for name in COMPONENTS:
+        component: nn.Module = getattr(pipe, name)
+        for tensor in (*component.parameters(), *component.buffers()):
+            total += tensor.numel() * tensor.element_size()
+    return total
