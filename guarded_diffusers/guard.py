@@ -140,13 +140,13 @@ class Guard:
     def _recover(self, stage: Stage, step: int | None, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Locate, fix and recompute until ``module``'s output is finite; raise if it cannot be."""
         self._recovering = True
-        incidents: list[Incident] = []
+        first = len(self._report.incidents)
         try:
             for _ in range(MAX_INCIDENTS_PER_CALL):
-                incidents.append(self._fix_first_non_finite(stage, step, module, args, kwargs, incidents))
+                self._fix_first_non_finite(stage, step, module, args, kwargs, since=first)
                 output = module(*args, **kwargs)
                 if math.isfinite(host_absmax(output)):
-                    for incident in incidents:
+                    for incident in self._report.incidents[first:]:
                         incident.recovered = True
                     return output
             raise self._failure(
@@ -154,31 +154,26 @@ class Guard:
             )
         finally:
             self._recovering = False
-            for incident in incidents:
+            for incident in self._report.incidents[first:]:
                 logger.warning("guarded_diffusers: %s", incident.summary())
 
     def _fix_first_non_finite(
-        self,
-        stage: Stage,
-        step: int | None,
-        module: nn.Module,
-        args: tuple,
-        kwargs: dict,
-        earlier: list[Incident],
-    ) -> Incident:
+        self, stage: Stage, step: int | None, module: nn.Module, args: tuple, kwargs: dict, since: int
+    ) -> None:
+        """Diagnose one incident, record it and apply the first fix a strategy offers."""
         location = locate_first_non_finite(module, stage.component, args, kwargs)
         if location is None:
             raise self._failure(
                 f"{stage.component} produced a non-finite {stage.name} but a diagnostic re-run did not "
                 "reproduce it (non-deterministic kernels?)."
             )
+        earlier = self._report.incidents[since:]
         incident = Incident(stage.name, step, location.module_name, location.absmax)
         self._report.incidents.append(incident)
         if any(previous.module == incident.module for previous in earlier):
             incident.detail = f"the fix by {earlier[-1].strategy} on {earlier[-1].fixed_module} did not hold"
             raise self._failure(f"Could not recover {stage.name}: {incident.detail}.")
         self._apply_first_fix(incident, location)
-        return incident
 
     def _failure(self, message: str) -> NonFiniteError:
         return NonFiniteError(message, self._report)
@@ -200,7 +195,9 @@ class Guard:
         self._fixes_this_call.append(fix)
 
     def _revert(self, fixes: list[Fix]) -> None:
+        """Revert ``fixes`` newest first (a fix may enclose an older one) and forget them."""
+        undone = {id(fix) for fix in fixes}
         for fix in reversed(list(fixes)):
             fix.revert()
-            self.fixes.remove(fix)
-        self._fixes_this_call = [fix for fix in self._fixes_this_call if fix in self.fixes]
+        self.fixes = [fix for fix in self.fixes if id(fix) not in undone]
+        self._fixes_this_call = [fix for fix in self._fixes_this_call if id(fix) not in undone]

@@ -56,9 +56,14 @@ class UpcastStrategy:
 
     def recover(self, location: Location) -> UpcastFix | None:
         *enclosing, component = location.calls
-        for call in enclosing:
+        for depth, call in enumerate(enclosing):
             island = Float32Island(call.module)
-            peak = host_absmax(call.in_float32())
+            # The diagnosis already measured the overflowing module itself in float32.
+            peak = (
+                location.absmax
+                if depth == 0 and location.absmax is not None
+                else host_absmax(call.in_float32())
+            )
             caller_dtype = _caller_dtype(call) or island.original_dtype
             if caller_dtype is not None and _fits(peak, caller_dtype):
                 return UpcastFix(call.name, island, peak)
