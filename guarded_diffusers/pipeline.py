@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 from typing import Any
 
 import torch
@@ -63,6 +64,12 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = pipeline.dtype
         return super().from_pipe(pipeline, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The pipeline config, naming FluxFillPipeline so saved folders load with plain diffusers."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = FluxFillPipeline.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """FluxFillPipeline.encode_prompt, in the text encoders' dtype from before any fix upcast them."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import all_finite, count_calls, fill, hook_count, load, state_snapshot
-from diffusers import FluxFillPipeline
+from diffusers import DiffusionPipeline, FluxFillPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from guarded_diffusers import GuardedFluxFillPipeline, GuardedFluxPipelineOutput, NonFiniteError
@@ -215,6 +215,13 @@ def test_from_pretrained_takes_dtype_and_variant(saved_model, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.dtype == torch.float16
     assert all_finite(fill(pipe).images)
+
+
+def test_a_saved_guarded_pipeline_loads_with_plain_diffusers(saved_model, tmp_path):
+    folder, _ = saved_model()
+    load(GuardedFluxFillPipeline, folder, torch.float16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "FluxFillPipeline"
+    assert type(DiffusionPipeline.from_pretrained(tmp_path)) is FluxFillPipeline
 
 
 def test_return_dict_false_returns_the_plain_tuple(saved_model):
