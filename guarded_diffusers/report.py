@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -27,7 +28,11 @@ class Incident:
     detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; a non-finite ``absmax`` becomes the string ``"nan"`` or ``"inf"`` (strict JSON)."""
+        fields = dataclasses.asdict(self)
+        if self.absmax is not None and not math.isfinite(self.absmax):
+            fields["absmax"] = str(abs(self.absmax))
+        return fields
 
     def summary(self) -> str:
         where = f"{self.stage}" + (f" step {self.step}" if self.step is not None else "")
@@ -54,7 +59,7 @@ class GuardReport:
         return {"incidents": [incident.to_dict() for incident in self.incidents]}
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
         if not self.incidents:

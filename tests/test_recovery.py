@@ -153,6 +153,7 @@ def test_unrecoverable_nan_raises_with_the_report_and_restores_the_model(saved_m
 
     incidents = raised.value.report.incidents
     assert incidents[0].module == "transformer.proj_out"
+    assert json.loads(raised.value.report.to_json())["incidents"][0]["absmax"] == "nan"
     assert not any(incident.recovered for incident in incidents)
     assert pipe.guard.fixes == [] and state_snapshot(pipe) == before
     assert hook_count(pipe) == 0
