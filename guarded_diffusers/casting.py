@@ -22,7 +22,7 @@ def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, tree)
 
 
-def _floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
     return {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
@@ -30,10 +30,10 @@ def _floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def module_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of the first floating parameter or buffer, as diffusers and transformers report it."""
-    return next(iter(t.dtype for t in _floating_state(module).values()), None)
+    return next(iter(t.dtype for t in floating_state(module).values()), None)
 
 
-def _set_tensor_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
+def set_tensor_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
     """Convert one parameter or buffer in place, keeping the Parameter object (and its ties)."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name)
@@ -48,12 +48,12 @@ class Float32Island:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.original_dtypes = {name: t.dtype for name, t in _floating_state(module).items()}
+        self.original_dtypes = {name: t.dtype for name, t in floating_state(module).items()}
         self.original_dtype = module_dtype(module)
         self._caller_dtypes: list[torch.dtype | None] = []
         for name, dtype in self.original_dtypes.items():
             if dtype != torch.float32:
-                _set_tensor_dtype(module, name, torch.float32)
+                set_tensor_dtype(module, name, torch.float32)
         self._handles = [
             module.register_forward_pre_hook(self._enter, with_kwargs=True),
             module.register_forward_hook(self._leave, with_kwargs=True, always_call=True),
@@ -77,11 +77,11 @@ class Float32Island:
         self._handles.clear()
         for name, dtype in self.original_dtypes.items():
             if dtype != torch.float32:
-                _set_tensor_dtype(self.module, name, dtype)
+                set_tensor_dtype(self.module, name, dtype)
 
     def extra_bytes(self) -> int:
         """Parameter and buffer memory this island adds over the original dtypes."""
-        state = _floating_state(self.module)
+        state = floating_state(self.module)
         return sum(
             state[name].numel() * (state[name].element_size() - torch.empty((), dtype=dtype).element_size())
             for name, dtype in self.original_dtypes.items()

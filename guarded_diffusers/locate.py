@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .casting import Float32Island, cast_floating
-from .checks import host_absmax
+from .checks import floating_tensors, host_absmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,12 @@ class ModuleCall:
 
     def __call__(self) -> Any:
         return self.module(*self.args, **self.kwargs)
+
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The dtype the module was called with: its first floating input's."""
+        inputs = floating_tensors((self.args, self.kwargs))
+        return inputs[0].dtype if inputs else None
 
     def in_float32(self) -> Any:
         """Call the module with its inputs cast to float32 (the module's own dtype is unchanged)."""

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,8 +21,9 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from .checks import validate_finite_inputs
 from .guard import Guard
+from .plan import PrecisionPlan
+from .plugins import registered_strategies, resolve_strategies
 from .report import GuardReport
-from .strategies import UpcastStrategy
 
 # User-supplied tensors that must be finite before any model runs.
 _CHECKED_INPUTS = (
@@ -32,6 +35,7 @@ _CHECKED_INPUTS = (
     "pooled_prompt_embeds",
 )
 _CALL_SIGNATURE = inspect.signature(FluxFillPipeline.__call__)
+GuardPlanArgument = PrecisionPlan | str | os.PathLike[str] | None
 
 
 @dataclasses.dataclass
@@ -44,26 +48,60 @@ class GuardedFluxPipelineOutput(FluxPipelineOutput):
 class GuardedFluxFillPipeline(FluxFillPipeline):
     """Drop-in FluxFillPipeline that checks every stage for NaN/inf and recovers in place.
 
-    Load it like the original (``from_pretrained``, ``from_pipe``); each call's output gains
+    Load it like the original (``from_pretrained``, ``from_pipe``), optionally choosing the
+    recovery strategies in order (``guard_strategies=["rescale", "clamp"]``) and a precision plan
+    to apply before the first step (``guard_plan=path``). Each call's output gains
     ``guard_report``. Fixes persist across calls; ``pipe.guard.reset()`` undoes them exactly.
     If nothing recovers a stage, the call raises ``NonFiniteError`` with the report.
     """
 
     @functools.cached_property
     def guard(self) -> Guard:
-        """The guard watching this pipeline: its fixes, its last report, ``reset()``."""
-        return Guard(self, strategies=[UpcastStrategy()])
+        """The guard watching this pipeline: its strategies, fixes, last report, ``plan()``, ``reset()``."""
+        return Guard(self, strategies=resolve_strategies(None))
 
     @classmethod
-    def from_pipe(cls, pipeline: Any, **kwargs: Any) -> GuardedFluxFillPipeline:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        guard_strategies: Sequence[str] | None = None,
+        guard_plan: GuardPlanArgument = None,
+        **kwargs: Any,
+    ) -> GuardedFluxFillPipeline:
+        """FluxFillPipeline.from_pretrained, plus ``guard_strategies`` and ``guard_plan``.
+
+        Both are checked before any weight is loaded; a plan is applied right after loading, and
+        a plan that does not fit the model is a ``ValueError`` with the pipeline left unfixed.
+        """
+        strategies, plan = _guard_arguments(guard_strategies, guard_plan)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return pipeline._install_guard(strategies, plan)
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipeline: Any,
+        guard_strategies: Sequence[str] | None = None,
+        guard_plan: GuardPlanArgument = None,
+        **kwargs: Any,
+    ) -> GuardedFluxFillPipeline:
         """Wrap an existing pipeline's components, keeping their dtype unless ``dtype`` is given.
 
         diffusers' ``from_pipe`` casts the shared components to float32 when no dtype is passed,
         which would silently turn a float16 pipeline (and the source pipeline) into float32.
+        ``guard_strategies`` and ``guard_plan`` work as in ``from_pretrained``.
         """
+        strategies, plan = _guard_arguments(guard_strategies, guard_plan)
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = pipeline.dtype
-        return super().from_pipe(pipeline, **kwargs)
+        return super().from_pipe(pipeline, **kwargs)._install_guard(strategies, plan)
+
+    def _install_guard(self, strategies: list[Any], plan: PrecisionPlan | None) -> GuardedFluxFillPipeline:
+        guard = Guard(self, strategies)
+        if plan is not None:
+            guard.apply_plan(plan)
+        self.__dict__["guard"] = guard  # what the cached property would hold
+        return self
 
     def to_json_string(self) -> str:
         """The pipeline config, naming FluxFillPipeline so saved folders load with plain diffusers."""
@@ -106,3 +144,19 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
             return user_callback(pipeline, step, timestep, {name: tensors[name] for name in user_inputs})
 
         return on_step_end
+
+
+def _guard_arguments(
+    guard_strategies: Sequence[str] | None, guard_plan: GuardPlanArgument
+) -> tuple[list[Any], PrecisionPlan | None]:
+    """Resolve strategy names and read the plan: every error here comes before any weight loads."""
+    strategies = resolve_strategies(guard_strategies)
+    if guard_plan is None or isinstance(guard_plan, PrecisionPlan):
+        plan = guard_plan
+    elif isinstance(guard_plan, str | os.PathLike):
+        plan = PrecisionPlan.load(guard_plan)
+    else:
+        raise TypeError(f"`guard_plan` must be a path or a PrecisionPlan, not {type(guard_plan).__name__}.")
+    if plan is not None:
+        plan.check_strategies(registered_strategies())
+    return strategies, plan

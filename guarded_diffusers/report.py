@@ -9,13 +9,23 @@ from typing import Any
 
 
 @dataclasses.dataclass
+class Attempt:
+    """One strategy's try at an incident: ``outcome`` is applied, declined, raised, invalid or not held."""
+
+    strategy: str
+    outcome: str = "pending"
+    detail: str = ""
+
+
+@dataclasses.dataclass
 class Incident:
     """One non-finite stage output and what was done about it.
 
     ``module`` is the first module whose output went non-finite, qualified from the pipeline
     component (``transformer.single_transformer_blocks.1.proj_mlp``); ``absmax`` is the
     largest magnitude its output reaches in float32 (``None`` where it was not measured);
-    ``fixed_module`` is the region the strategy changed, which may enclose ``module``.
+    ``fixed_module`` is the region the strategy changed, which may enclose ``module``;
+    ``attempts`` lists every strategy tried, in order, with what came of it.
     """
 
     stage: str
@@ -26,6 +36,7 @@ class Incident:
     fixed_module: str | None = None
     recovered: bool = False
     detail: str = ""
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values; a non-finite ``absmax`` becomes the string ``"nan"`` or ``"inf"`` (strict JSON)."""

@@ -1,5 +1,7 @@
-"""Built-in recovery strategies; each implements ``guarded_diffusers.recovery.RecoveryStrategy``."""
+"""Built-in recovery strategies, each a plugin registered like a third-party one (see ``plugins.py``)."""
 
+from .clamp import ClampStrategy
+from .rescale import RescaleStrategy
 from .upcast import UpcastStrategy
 
-__all__ = ["UpcastStrategy"]
+__all__ = ["ClampStrategy", "RescaleStrategy", "UpcastStrategy"]

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..casting import Float32Island
-from ..checks import floating_tensors, host_absmax
-from ..locate import Location, ModuleCall
+from ..checks import host_absmax
+from ..hookspecs import hookimpl
+from ..locate import Location
+from ..recovery import ModuleLookup
 
 # An island's float32 output must fit under the caller dtype's maximum divided by this, so that
 # the next denoising steps, with other inputs, do not overflow at its boundary.
@@ -40,11 +43,6 @@ class UpcastFix:
         return {"dtype": "float32", "output_absmax": self.output_absmax}
 
 
-def _caller_dtype(call: ModuleCall) -> torch.dtype | None:
-    inputs = floating_tensors((call.args, call.kwargs))
-    return inputs[0].dtype if inputs else None
-
-
 def _fits(peak: float, dtype: torch.dtype) -> bool:
     return math.isfinite(peak) and peak <= torch.finfo(dtype).max / FIT_HEADROOM
 
@@ -58,14 +56,28 @@ class UpcastStrategy:
         *enclosing, component = location.calls
         for depth, call in enumerate(enclosing):
             island = Float32Island(call.module)
-            # The diagnosis already measured the overflowing module itself in float32.
-            peak = (
-                location.absmax
-                if depth == 0 and location.absmax is not None
-                else host_absmax(call.in_float32())
-            )
-            caller_dtype = _caller_dtype(call) or island.original_dtype
+            try:
+                # The diagnosis already measured the overflowing module itself in float32.
+                peak = (
+                    location.absmax
+                    if depth == 0 and location.absmax is not None
+                    else host_absmax(call.in_float32())
+                )
+            except BaseException:
+                island.revert()
+                raise
+            caller_dtype = call.input_dtype or island.original_dtype
             if caller_dtype is not None and _fits(peak, caller_dtype):
                 return UpcastFix(call.name, island, peak)
             island.revert()
         return UpcastFix(component.name, Float32Island(component.module), None)
+
+    def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> UpcastFix:
+        if params.get("dtype", "float32") != "float32":
+            raise ValueError(f"upcast only makes float32 islands, not {params['dtype']!r}.")
+        return UpcastFix(module_name, Float32Island(modules(module_name)), params.get("output_absmax"))
+
+
+@hookimpl
+def register_strategies(register: Any) -> None:
+    register(UpcastStrategy())

@@ -1,0 +1,293 @@
+"""Rescale: a power-of-two range shift that keeps every weight in the working dtype.
+
+The overflowing module (the producer, a Linear or convolution) gets the weight and bias rows of
+its out-of-range output channels multiplied by ``2**-k``, so those channels come out ``2**k``
+times smaller and fit. The shift is undone where it is consumed: the first later Linear or
+convolution inside an enclosing module whose input changed gets the matching input columns
+multiplied by ``2**k``, unless a normalisation absorbs the shift first (VAE resnets: conv then
+GroupNorm). Consumers are found by trial, not from knowledge of the architecture: the enclosing
+module runs in float32 with and without the shift and the inputs of its layers are compared.
+
+Exact (power-of-two products are exact in floating point) where the path from producer to
+consumer is positively homogeneous: identity, ReLU, dropout, concatenation, T5's gated product.
+Approximate through GELU or SiLU, whose ``f(x / 2**k) * 2**k`` differs from ``f(x)`` near the
+knee. So every fix is measured before it is kept: the enclosing module's output in the working
+dtype, with the shift, must stay within ``TOLERANCE`` (relative L2) of its float32 output.
+Parameter memory does not change; ``revert()`` restores the original rows bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..casting import Float32Island
+from ..checks import floating_tensors
+from ..hookspecs import hookimpl
+from ..locate import Location, ModuleCall
+from ..recovery import ModuleLookup
+from .upcast import FIT_HEADROOM
+
+# A shifted region's output may differ from its float32 output by this much (relative L2 norm):
+# bfloat16's rounding unit, so a kept shift is never coarser than running in bfloat16.
+TOLERANCE = 2.0**-8
+# Consumers compensated per fix at most (each needs one float32 run of the region to find).
+MAX_CONSUMERS = 4
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+Shifts = dict[int, int]  # channel -> k (a factor 2**-k on the producer, 2**k on its consumer)
+
+
+def _channel_axis(layer: nn.Module) -> int:
+    """Channels of a layer's activations: last for Linear, second for convolutions."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def _channel_norms(layer: nn.Module, tensor: torch.Tensor, order: float) -> torch.Tensor:
+    """Per-channel vector norm of an activation of (or into) ``layer``, in float32."""
+    moved = tensor.detach().float().movedim(_channel_axis(layer), -1)
+    return torch.linalg.vector_norm(moved.reshape(-1, moved.shape[-1]), ord=order, dim=0)
+
+
+@dataclasses.dataclass(eq=False)
+class _Scaled:
+    """One parameter slice multiplied by powers of two, with its original values kept for revert."""
+
+    parameter: torch.Tensor
+    axis: int
+    index: torch.Tensor
+    original: torch.Tensor
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.parameter.index_copy_(self.axis, self.index, self.original)
+
+
+@torch.no_grad()
+def _scale_slices(parameter: torch.Tensor, axis: int, exponents: Shifts) -> _Scaled:
+    """Multiply slices ``parameter[..., c, ...]`` (along ``axis``) by ``2**exponents[c]``, in place."""
+    index = torch.tensor(sorted(exponents), device=parameter.device)
+    original = parameter.index_select(axis, index).clone()
+    factors = torch.tensor([2.0 ** exponents[c] for c in sorted(exponents)], device=parameter.device)
+    shape = [1] * parameter.dim()
+    shape[axis] = -1
+    parameter.index_copy_(axis, index, (original.float() * factors.view(shape)).to(parameter.dtype))
+    return _Scaled(parameter, axis, index, original)
+
+
+@dataclasses.dataclass(eq=False)
+class RescaleFix:
+    """Producer rows shifted down by ``2**k``, consumer columns up by ``2**k``; weights stay put in dtype."""
+
+    module_name: str
+    producer_shifts: Shifts
+    consumer_shifts: dict[str, Shifts]
+    relative_error: float | None
+    scaled: list[_Scaled]
+    strategy: str = "rescale"
+
+    def revert(self) -> None:
+        for slices in reversed(self.scaled):
+            slices.restore()
+        self.scaled.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "producer_shifts": sorted(self.producer_shifts.items()),
+            "consumer_shifts": {
+                name: sorted(shifts.items()) for name, shifts in self.consumer_shifts.items()
+            },
+            "relative_error": self.relative_error,
+        }
+
+
+def _shift_producer(layer: nn.Module, shifts: Shifts) -> list[_Scaled]:
+    down = {channel: -k for channel, k in shifts.items()}
+    scaled = [_scale_slices(layer.weight, 0, down)]
+    if layer.bias is not None:
+        scaled.append(_scale_slices(layer.bias, 0, down))
+    return scaled
+
+
+def _compensate_consumer(layer: nn.Module, shifts: Shifts) -> _Scaled:
+    return _scale_slices(layer.weight, 1, shifts)
+
+
+def _non_finite(scaled: list[_Scaled]) -> bool:
+    return any(not torch.isfinite(s.parameter).all() for s in scaled)
+
+
+class _RegionTrial:
+    """Runs one enclosing call in float32, recording per-channel input norms of its later layers."""
+
+    def __init__(self, region: ModuleCall, producer: nn.Module) -> None:
+        self.region = region
+        self.producer = producer
+        self.names = {
+            module: f"{region.name}.{name}" for name, module in region.module.named_modules() if name
+        }
+
+    def run(self) -> tuple[Any, dict[str, tuple[nn.Module, torch.Tensor]]]:
+        """The region's float32 output and, for each layer called after the producer, its input norms."""
+        seen_producer = False
+        inputs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+
+        def record(module: nn.Module, args: tuple) -> None:
+            nonlocal seen_producer
+            if module is self.producer:
+                seen_producer = True
+            elif seen_producer and isinstance(module, _LAYERS) and args and self.names[module] not in inputs:
+                inputs[self.names[module]] = (module, _channel_norms(module, args[0], 2))
+
+        handles = [module.register_forward_pre_hook(record) for module in self.names]
+        island = Float32Island(self.region.module)
+        try:
+            with torch.no_grad():
+                return self.region.in_float32(), inputs
+        finally:
+            island.revert()
+            for handle in handles:
+                handle.remove()
+
+
+def _changed_channels(before: torch.Tensor, after: torch.Tensor) -> Shifts:
+    """Channels whose norm moved by a power of two or more, with the exponent that undoes it."""
+    shifts: Shifts = {}
+    for channel in torch.nonzero((before > 0) & (after > 0)).flatten().tolist():
+        exponent = round(math.log2(before[channel].item() / after[channel].item()))
+        if exponent:
+            shifts[channel] = exponent
+    return shifts
+
+
+def _relative_error(output: Any, reference: Any) -> float:
+    pairs = list(zip(floating_tensors(output), floating_tensors(reference), strict=True))
+    difference = math.sqrt(sum(float((o.float() - r).square().sum()) for o, r in pairs))
+    scale = math.sqrt(sum(float(r.square().sum()) for _, r in pairs))
+    return difference / scale if scale else difference
+
+
+class RescaleStrategy:
+    """Shifts the overflowing layer's out-of-range channels by powers of two and compensates downstream."""
+
+    name = "rescale"
+
+    def recover(self, location: Location) -> RescaleFix | None:
+        producer = location.calls[0]
+        if not isinstance(producer.module, _LAYERS) or producer.input_dtype is None:
+            return None
+        limit = torch.finfo(producer.input_dtype).max / FIT_HEADROOM
+        peaks = self._float32_channel_peaks(producer)
+        if not torch.isfinite(peaks).all():
+            return None
+        for shifts in self._candidate_shifts(peaks, limit):
+            # The component itself is never a region: a float32 run of it is too costly here.
+            for region in location.calls[1:-1]:
+                fix = self._try(producer, region, shifts)
+                if fix is not None:
+                    return fix
+        return None
+
+    @staticmethod
+    def _float32_channel_peaks(producer: ModuleCall) -> torch.Tensor:
+        island = Float32Island(producer.module)
+        try:
+            with torch.no_grad():
+                return _channel_norms(producer.module, producer.in_float32(), math.inf)
+        finally:
+            island.revert()
+
+    @staticmethod
+    def _candidate_shifts(peaks: torch.Tensor, limit: float) -> Iterator[Shifts]:
+        """Only the out-of-range channels first (linear consumers); then all channels alike (norms)."""
+        exponents = torch.ceil(torch.log2(peaks / limit)).clamp(min=0).int().tolist()
+        per_channel = {channel: k for channel, k in enumerate(exponents) if k > 0}
+        if per_channel:
+            yield per_channel
+            uniform = dict.fromkeys(range(len(exponents)), max(exponents))
+            if uniform != per_channel:
+                yield uniform
+
+    def _try(self, producer: ModuleCall, region: ModuleCall, shifts: Shifts) -> RescaleFix | None:
+        """Shift, compensate the consumers inside ``region``, and keep the fix only if it measures well."""
+        trial = _RegionTrial(region, producer.module)
+        reference, baseline = trial.run()
+        scaled = _shift_producer(producer.module, shifts)
+        consumers: dict[str, Shifts] = {}
+        try:
+            for _ in range(MAX_CONSUMERS):
+                changed = self._first_changed_consumer(trial, baseline, skip=consumers)
+                if changed is None:
+                    break
+                name, layer, compensation = changed
+                scaled.append(_compensate_consumer(layer, compensation))
+                consumers[name] = compensation
+            if _non_finite(scaled):
+                raise _Rejected
+            with torch.no_grad():
+                error = _relative_error(region(), reference)
+            if not error <= TOLERANCE:
+                raise _Rejected
+        except BaseException as failure:
+            for slices in reversed(scaled):
+                slices.restore()
+            if isinstance(failure, _Rejected):
+                return None
+            raise
+        return RescaleFix(producer.name, shifts, consumers, error, scaled)
+
+    @staticmethod
+    def _first_changed_consumer(
+        trial: _RegionTrial, baseline: dict[str, tuple[nn.Module, torch.Tensor]], skip: Mapping[str, Shifts]
+    ) -> tuple[str, nn.Module, Shifts] | None:
+        """The first layer (not yet compensated) whose input channels the shift changed."""
+        _, shifted = trial.run()
+        for name, (layer, before) in baseline.items():
+            compensation = {} if name in skip else _changed_channels(before, shifted[name][1])
+            if compensation:
+                if getattr(layer, "groups", 1) != 1:
+                    raise _Rejected
+                return name, layer, compensation
+        return None
+
+    def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> RescaleFix:
+        producer = modules(module_name)
+        if not isinstance(producer, _LAYERS):
+            raise ValueError(
+                f"rescale shifts Linear or convolution layers; {module_name} is {type(producer).__name__}."
+            )
+        producer_shifts = _parse_shifts(params.get("producer_shifts"), producer.weight.shape[0], module_name)
+        consumer_shifts = {
+            name: _parse_shifts(pairs, modules(name).weight.shape[1], name)
+            for name, pairs in dict(params.get("consumer_shifts") or {}).items()
+        }
+        scaled = _shift_producer(producer, producer_shifts)
+        scaled += [_compensate_consumer(modules(name), shifts) for name, shifts in consumer_shifts.items()]
+        return RescaleFix(module_name, producer_shifts, consumer_shifts, params.get("relative_error"), scaled)
+
+
+class _Rejected(Exception):
+    """This shift does not measure well in this region; undo it and try the next."""
+
+
+def _parse_shifts(pairs: Any, channels: int, module_name: str) -> Shifts:
+    """``[[channel, exponent], ...]`` from a plan, checked against the layer's channel count."""
+    try:
+        shifts = {int(channel): int(exponent) for channel, exponent in pairs}
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"rescale shifts for {module_name} must be [[channel, exponent], ...]: {error}"
+        ) from None
+    if not shifts or not all(0 <= channel < channels for channel in shifts):
+        raise ValueError(f"rescale shifts for {module_name} name channels outside 0..{channels - 1}.")
+    return shifts
+
+
+@hookimpl
+def register_strategies(register: Any) -> None:
+    register(RescaleStrategy())
