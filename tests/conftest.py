@@ -40,6 +40,23 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple
     return get
 
 
+@pytest.fixture(scope="session")
+def reference_images(saved_model: Callable[..., tuple[Path, str | None]]) -> Callable[[str | None], tuple]:
+    """``reference_images(site)`` -> (float32 images, bfloat16 images) of plain FluxFillPipeline, cached."""
+    cache: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if site not in cache:
+            folder, _ = saved_model(site)
+            cache[site] = tuple(
+                fill(load(FluxFillPipeline, folder, dtype)).images
+                for dtype in (torch.float32, torch.bfloat16)
+            )
+        return cache[site]
+
+    return get
+
+
 def load(cls: type[FluxFillPipeline], folder: Path, dtype: torch.dtype, **kwargs: Any) -> Any:
     pipe = cls.from_pretrained(folder, torch_dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)

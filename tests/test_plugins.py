@@ -1,0 +1,222 @@
+"""Strategies and observers arrive through pluggy: at run time, and through a real entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import all_finite, fill, load
+from diffusers.utils import logging as diffusers_logging
+
+from guarded_diffusers import GuardedFluxFillPipeline, hookimpl, plugin_manager
+from guarded_diffusers.casting import Float32Island
+from guarded_diffusers.plugins import DISABLE_AUTOLOAD_ENV, registered_strategies, resolve_strategies
+from guarded_diffusers.strategies.upcast import UpcastFix
+
+
+class UpcastWholeComponent:
+    """A user's strategy written against the public interface: upcast the entire component."""
+
+    name = "whole-component"
+
+    def recover(self, location):
+        component = location.calls[-1]
+        return self.apply(component.name, {}, lambda _: component.module)
+
+    def apply(self, module_name, params, modules):
+        return UpcastFix(module_name, Float32Island(modules(module_name)), None, strategy=self.name)
+
+
+class WholeComponentPlugin:
+    @hookimpl
+    def register_strategies(self, register):
+        register(UpcastWholeComponent())
+
+
+@pytest.fixture
+def registered():
+    """Register plugins for one test; they are unregistered afterwards."""
+    plugins = []
+
+    def register(plugin):
+        plugin_manager().register(plugin)
+        plugins.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in plugins:
+        plugin_manager().unregister(plugin)
+
+
+@pytest.fixture
+def fresh_plugin_manager():
+    """A plugin manager built anew, as in a new process; the shared one comes back afterwards."""
+    plugin_manager.cache_clear()
+    yield plugin_manager
+    plugin_manager.cache_clear()
+
+
+def test_builtins_are_plugins_like_any_other():
+    names = {name for name, _ in plugin_manager().list_name_plugin()}
+    assert {
+        "guarded_diffusers.builtin.upcast",
+        "guarded_diffusers.builtin.rescale",
+        "guarded_diffusers.builtin.clamp",
+    } <= names
+    assert {"upcast", "rescale", "clamp"} <= set(registered_strategies())
+
+
+@pytest.mark.parametrize("site", ["clip_mlp", "single_block_mlp"])
+def test_strategy_registered_at_run_time_is_used_by_name(saved_model, registered, site):
+    registered(WholeComponentPlugin())
+    folder, _ = saved_model(site)
+    pipe = load(GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=["whole-component"])
+
+    output = fill(pipe)
+
+    assert all_finite(output.images)
+    [incident] = output.guard_report.incidents
+    component = incident.module.split(".")[0]
+    assert (incident.strategy, incident.fixed_module) == ("whole-component", component)
+    assert getattr(pipe, component).dtype == torch.float32
+
+
+def test_unregistered_strategy_is_unknown_again(registered):
+    plugin = registered(WholeComponentPlugin())
+    assert "whole-component" in registered_strategies()
+    plugin_manager().unregister(plugin)
+    with pytest.raises(ValueError, match="Unknown recovery strategy"):
+        resolve_strategies(["whole-component"])
+    plugin_manager().register(plugin)  # the fixture unregisters it
+
+
+def test_two_strategies_with_one_name_are_an_error(registered):
+    class Impostor:
+        @hookimpl
+        def register_strategies(self, register):
+            register(UpcastWholeComponent())
+
+    registered(WholeComponentPlugin())
+    registered(Impostor())
+    with pytest.raises(ValueError, match="Two plugins register a recovery strategy named 'whole-component'"):
+        registered_strategies()
+
+
+def test_a_plugin_that_registers_a_non_strategy_is_named(registered):
+    class Broken:
+        @hookimpl
+        def register_strategies(self, register):
+            register(object())
+
+    registered(Broken())
+    with pytest.raises(TypeError, match="is not a RecoveryStrategy"):
+        registered_strategies()
+
+
+def _throwaway_distribution(site_packages, strategy_name):
+    """An installed-looking distribution whose entry point offers one strategy, as pip would lay it out."""
+    (site_packages / "fluxguard_throwaway_plugin.py").write_text(
+        textwrap.dedent(
+            f"""
+            from guarded_diffusers import hookimpl
+
+            class Declines:
+                name = "{strategy_name}"
+
+                def recover(self, location):
+                    return None
+
+                def apply(self, module_name, params, modules):
+                    raise ValueError("nothing to apply")
+
+            @hookimpl
+            def register_strategies(register):
+                register(Declines())
+            """
+        )
+    )
+    dist_info = site_packages / "fluxguard_throwaway_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fluxguard-throwaway-plugin\nVersion: 0.1\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[guarded_diffusers]\nthrowaway = fluxguard_throwaway_plugin\n"
+    )
+
+
+@pytest.fixture
+def throwaway_distribution(tmp_path, monkeypatch):
+    _throwaway_distribution(tmp_path, "throwaway-declines")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "throwaway-declines"
+    sys.modules.pop("fluxguard_throwaway_plugin", None)
+
+
+def test_entry_point_plugin_is_discovered_once(throwaway_distribution, fresh_plugin_manager, monkeypatch):
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    manager = fresh_plugin_manager()
+    assert manager is fresh_plugin_manager()
+    assert throwaway_distribution in registered_strategies()
+    [(plugin, distribution)] = manager.list_plugin_distinfo()
+    assert plugin.__name__ == "fluxguard_throwaway_plugin"
+    assert distribution.metadata["Name"] == "fluxguard-throwaway-plugin"
+
+
+def test_environment_switch_keeps_external_plugins_out(
+    throwaway_distribution, fresh_plugin_manager, monkeypatch
+):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    fresh_plugin_manager()
+    assert throwaway_distribution not in registered_strategies()
+    assert {"upcast", "rescale", "clamp"} <= set(registered_strategies())
+
+
+def test_entry_point_strategy_takes_its_turn_in_the_order(
+    saved_model, throwaway_distribution, fresh_plugin_manager
+):
+    folder, _ = saved_model("vae_encoder")
+    pipe = load(
+        GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=[throwaway_distribution, "upcast"]
+    )
+
+    [incident] = fill(pipe).guard_report.incidents
+
+    assert [(a.strategy, a.outcome) for a in incident.attempts] == [
+        (throwaway_distribution, "declined"),
+        ("upcast", "applied"),
+    ]
+
+
+def test_observer_sees_every_settled_incident_and_cannot_break_the_call(saved_model, registered, caplog):
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def incident_recorded(self, incident, pipeline):
+            seen.append((incident.module, incident.recovered, pipeline))
+
+    class Crashes:
+        @hookimpl
+        def incident_recorded(self, incident):
+            raise RuntimeError("metrics backend down")
+
+    registered(Recorder())
+    registered(Crashes())
+    folder, overflowing = saved_model("t5_ff")
+    pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
+    diffusers_logging.set_verbosity_warning()
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers"):
+            output = fill(pipe)
+    finally:
+        diffusers_logging.disable_propagation()
+        diffusers_logging.set_verbosity_error()
+
+    assert all_finite(output.images)
+    assert seen == [(overflowing, True, pipe)]
+    assert any("metrics backend down" in record.getMessage() for record in caplog.records)
