@@ -1,0 +1,84 @@
+"""Zero-code items: one per weight variant x dtype x mode of the ``--fluxguard-model`` folder.
+
+Collecting reads file names only; torch, diffusers and hypothesis load when the first item runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .failures import FluxGuardFailure
+from .model_folder import NotAFluxFillModel, variant_label, weight_variants
+from .options import FluxGuardOptions
+from .pipelines import PipelineCache
+from .summary import ItemStats
+
+OPTIONS_KEY = pytest.StashKey[FluxGuardOptions]()
+PIPELINES_KEY = pytest.StashKey[PipelineCache]()
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What one item fuzzes; ``reference_variant`` gives the float32 reference for --fluxguard-min-psnr."""
+
+    path: Path
+    variant: str | None
+    dtype: str
+    mode: str
+    reference_variant: str | None
+
+
+def collector_name(model: Path, rootdir: Path) -> str:
+    """The model folder as a node id reads it: relative to rootdir when inside it, else its name."""
+    if model != rootdir and model.is_relative_to(rootdir):
+        return model.relative_to(rootdir).as_posix()
+    return model.name
+
+
+class FluxGuardModel(pytest.Collector):
+    """The model folder; fails collection once, with the reason, when it is not a Flux Fill model."""
+
+    def collect(self) -> Iterator[FluxGuardItem]:
+        options = self.config.stash[OPTIONS_KEY]
+        try:
+            variants = weight_variants(self.path)
+        except NotAFluxFillModel as error:
+            raise self.CollectError(f"--fluxguard-model: {error}") from None
+        for variant in variants:
+            for dtype in options.dtypes:
+                for mode in options.modes:
+                    target = Target(self.path, variant, dtype, mode, reference_variant=variants[0])
+                    name = f"{variant_label(variant)}/{dtype}/{mode}"
+                    yield FluxGuardItem.from_parent(self, name=name, target=target)
+
+
+class FluxGuardItem(pytest.Item):
+    """Fuzzes one (variant, dtype, mode); its counts travel on the report for the summary table."""
+
+    def __init__(self, *, target: Target, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target = target
+
+    def runtest(self) -> None:
+        from .fuzz import run_item
+
+        stats = ItemStats()
+        try:
+            run_item(
+                self, self.target, self.config.stash[OPTIONS_KEY], self.config.stash[PIPELINES_KEY], stats
+            )
+        finally:
+            self.user_properties.append(stats.to_property())
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, FluxGuardFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"fluxguard {self.name}"

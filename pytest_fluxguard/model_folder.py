@@ -1,0 +1,59 @@
+"""What a model folder holds: whether it is a Flux Fill pipeline, and which weight variants it ships.
+
+Read from file names and model_index.json only, so collection needs neither torch nor diffusers.
+diffusers names variant weights ``<name>.<variant>.safetensors`` (shards
+``<name>-00001-of-00002.<variant>.safetensors``, index ``<name>.safetensors.index.<variant>.json``);
+the default weights are the same names without the variant.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+PIPELINE_CLASS = "FluxFillPipeline"
+
+_WEIGHTS = re.compile(r"^[^.]+(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$")
+_INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
+
+
+class NotAFluxFillModel(Exception):
+    """The folder cannot be fuzzed; the message says what is missing or wrong."""
+
+
+def variant_label(variant: str | None) -> str:
+    """How a variant reads in an item id: ``weights`` for the default, ``fp16-weights`` for ``fp16``."""
+    return "weights" if variant is None else f"{variant}-weights"
+
+
+def _components(folder: Path) -> list[str]:
+    index_file = folder / "model_index.json"
+    if not folder.is_dir():
+        raise NotAFluxFillModel(f"{folder} is not a folder.")
+    if not index_file.is_file():
+        raise NotAFluxFillModel(f"{folder} has no model_index.json, so it is not a diffusers pipeline.")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NotAFluxFillModel(f"{index_file} is not valid JSON: {error}.") from None
+    if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS:
+        found = index.get("_class_name") if isinstance(index, dict) else None
+        raise NotAFluxFillModel(f"{index_file} names {found!r}, not {PIPELINE_CLASS!r}.")
+    return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)]
+
+
+def weight_variants(folder: Path) -> list[str | None]:
+    """Variants with weights in ``folder``, the default (``None``) first; raises NotAFluxFillModel."""
+    found: set[str | None] = set()
+    for component in _components(folder):
+        directory = folder / component
+        if not directory.is_dir():
+            continue
+        for file in directory.iterdir():
+            match = _WEIGHTS.match(file.name) or _INDEX.match(file.name)
+            if match:
+                found.add(match["variant"])
+    if not found:
+        raise NotAFluxFillModel(f"{folder} has no weight files (*.safetensors or *.bin) in its components.")
+    return sorted(found, key=lambda variant: (variant is not None, variant or ""))

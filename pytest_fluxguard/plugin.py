@@ -1,0 +1,160 @@
+"""pytest11 entry point: options, zero-code collection, fixtures, the fluxguard marker, the summary.
+
+Importing this module must stay cheap (pytest imports it in every session where the package is
+installed): torch, diffusers and hypothesis are imported only once a fluxguard item or a
+fluxguard-marked test actually runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .collect import OPTIONS_KEY, PIPELINES_KEY, FluxGuardModel, collector_name
+from .options import add_options, check_dtypes, resolve
+from .pipelines import PipelineCache
+from .profile import PROFILE, fluxguard_settings, register_profile
+from .summary import ItemStats, table
+
+MARKER = "fluxguard"
+_MARKER_ARGUMENTS = ("examples", "dtypes")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' plugin loads --hypothesis-profile
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(examples=None, dtypes=None): hypothesis examples for this @given test (default "
+        "--fluxguard-examples, with no deadline) and the dtypes its fluxguard_dtype argument takes "
+        "(default --fluxguard-dtype).",
+    )
+    options = resolve(config)
+    config.stash[OPTIONS_KEY] = options
+    config.stash[PIPELINES_KEY] = PipelineCache(options.device)
+    if config.getoption("hypothesis_profile", None) == PROFILE:
+        register_profile(config.rootpath)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if PIPELINES_KEY in config.stash:
+        config.stash[PIPELINES_KEY].clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Add the model folder's items next to whatever the session collected from its arguments."""
+    report = yield
+    options = collector.config.stash[OPTIONS_KEY]
+    if isinstance(collector, pytest.Session) and report.passed and options.model is not None:
+        name = collector_name(options.model, collector.config.rootpath)
+        # An explicit node id: derived from the session's, it would depend on the invocation directory.
+        report.result.append(
+            FluxGuardModel.from_parent(collector, name=name, path=options.model, nodeid=name)
+        )
+    return report
+
+
+def _marker_arguments(node: Any) -> dict[str, Any]:
+    """The fluxguard marker's keyword arguments, checked; empty when the test has no marker."""
+    marker = node.get_closest_marker(MARKER)
+    if marker is None:
+        return {}
+    unknown = set(marker.kwargs) - set(_MARKER_ARGUMENTS)
+    if marker.args or unknown:
+        pytest.fail(
+            f"{node.nodeid}: @pytest.mark.{MARKER} takes only the keywords {', '.join(_MARKER_ARGUMENTS)}.",
+            pytrace=False,
+        )
+    return dict(marker.kwargs)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per dtype for tests that take ``fluxguard_dtype``."""
+    arguments = _marker_arguments(metafunc.definition)
+    examples = arguments.get("examples")
+    if examples is not None and not (isinstance(examples, int) and examples >= 1):
+        pytest.fail(
+            f"{metafunc.definition.nodeid}: {MARKER}(examples=...) must be an int >= 1.", pytrace=False
+        )
+    if "fluxguard_dtype" not in metafunc.fixturenames:
+        return
+    options = metafunc.config.stash[OPTIONS_KEY]
+    dtypes = options.dtypes
+    if "dtypes" in arguments:
+        dtypes = check_dtypes(arguments["dtypes"], f"{metafunc.definition.nodeid}: {MARKER}(dtypes=...)")
+    metafunc.parametrize("fluxguard_dtype", dtypes, indirect=True, ids=list(dtypes))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside hypothesis' wrapper, which reads the settings
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Run a fluxguard-marked @given test with the marker's examples and no deadline."""
+    arguments = _marker_arguments(item)
+    function = getattr(item, "obj", None)
+    test = getattr(function, "__func__", function)
+    if MARKER not in item.keywords or not getattr(test, "is_hypothesis_test", False):
+        return (yield)
+    # hypothesis has no public per-call override; its own pytest plugin sets this same attribute.
+    applied = test._hypothesis_internal_use_settings
+    examples = arguments.get("examples") or item.config.stash[OPTIONS_KEY].examples
+    test._hypothesis_internal_use_settings = fluxguard_settings(
+        item.config.rootpath, examples, parent=applied
+    )
+    try:
+        return (yield)
+    finally:
+        test._hypothesis_internal_use_settings = applied
+
+
+@pytest.fixture(scope="session")
+def fluxguard_pipeline(pytestconfig: pytest.Config) -> Callable[..., Any]:
+    """``fluxguard_pipeline(path=None, *, variant=None, dtype="float16", guarded=False)`` -> pipeline.
+
+    Loaded once per session and (path, variant, dtype); ``guarded`` gives GuardedFluxFillPipeline
+    on the same weights. ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
+    with any guard fixes undone, as loaded from disk.
+    """
+    options = pytestconfig.stash[OPTIONS_KEY]
+    pipelines = pytestconfig.stash[PIPELINES_KEY]
+
+    def load(
+        path: str | Path | None = None,
+        *,
+        variant: str | None = None,
+        dtype: Any = "float16",
+        guarded: bool = False,
+    ) -> Any:
+        folder = path if path is not None else options.model
+        if folder is None:
+            pytest.fail(
+                "fluxguard_pipeline() needs a path, or --fluxguard-model / fluxguard_model.", pytrace=False
+            )
+        return pipelines.get(folder, variant, dtype, guarded=guarded)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def fluxguard_dtype(request: pytest.FixtureRequest) -> str:
+    """A dtype name, one test per dtype of the fluxguard marker or --fluxguard-dtype."""
+    return request.param
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """One row per fluxguard item, from the counts each item's report carried (xdist workers too)."""
+    rows = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            stats = ItemStats.from_properties(getattr(report, "user_properties", ()))
+            if stats is not None and getattr(report, "when", None) == "call":
+                rows[report.nodeid] = stats
+    if rows:
+        terminalreporter.write_sep("=", "fluxguard summary")
+        for line in table(dict(sorted(rows.items()))):
+            terminalreporter.write_line(line)
