@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,77 +117,62 @@ def test_a_plugin_that_registers_a_non_strategy_is_named(registered):
         registered_strategies()
 
 
-def _throwaway_distribution(site_packages, strategy_name):
-    """An installed-looking distribution whose entry point offers one strategy, as pip would lay it out."""
-    (site_packages / "fluxguard_throwaway_plugin.py").write_text(
-        textwrap.dedent(
-            f"""
-            from guarded_diffusers import hookimpl
-
-            class Declines:
-                name = "{strategy_name}"
-
-                def recover(self, location):
-                    return None
-
-                def apply(self, module_name, params, modules):
-                    raise ValueError("nothing to apply")
-
-            @hookimpl
-            def register_strategies(register):
-                register(Declines())
-            """
-        )
-    )
-    dist_info = site_packages / "fluxguard_throwaway_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: fluxguard-throwaway-plugin\nVersion: 0.1\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[guarded_diffusers]\nthrowaway = fluxguard_throwaway_plugin\n"
-    )
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "docs" / "examples" / "fluxguard-vae-float32"
 
 
 @pytest.fixture
-def throwaway_distribution(tmp_path, monkeypatch):
-    _throwaway_distribution(tmp_path, "throwaway-declines")
+def installed_example_plugin(tmp_path, monkeypatch):
+    """docs/examples' plugin laid out in a site directory as pip would install it: module plus dist-info."""
+    shutil.copy(EXAMPLE_PLUGIN / "fluxguard_vae_float32.py", tmp_path)
+    entry_point = 'vae_float32 = "fluxguard_vae_float32"'
+    assert entry_point in (EXAMPLE_PLUGIN / "pyproject.toml").read_text()
+    dist_info = tmp_path / "fluxguard_vae_float32-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: fluxguard-vae-float32\nVersion: 0.1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text("[guarded_diffusers]\n" + entry_point.replace('"', "") + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield "throwaway-declines"
-    sys.modules.pop("fluxguard_throwaway_plugin", None)
-
-
-def test_entry_point_plugin_is_discovered_once(throwaway_distribution, fresh_plugin_manager, monkeypatch):
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    yield "vae-float32"
+    sys.modules.pop("fluxguard_vae_float32", None)
+
+
+def test_entry_point_plugin_is_discovered_once(installed_example_plugin, fresh_plugin_manager):
     manager = fresh_plugin_manager()
     assert manager is fresh_plugin_manager()
-    assert throwaway_distribution in registered_strategies()
+    assert installed_example_plugin in registered_strategies()
     [(plugin, distribution)] = manager.list_plugin_distinfo()
-    assert plugin.__name__ == "fluxguard_throwaway_plugin"
-    assert distribution.metadata["Name"] == "fluxguard-throwaway-plugin"
+    assert plugin.__name__ == "fluxguard_vae_float32"
+    assert distribution.metadata["Name"] == "fluxguard-vae-float32"
 
 
 def test_environment_switch_keeps_external_plugins_out(
-    throwaway_distribution, fresh_plugin_manager, monkeypatch
+    installed_example_plugin, fresh_plugin_manager, monkeypatch
 ):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
     fresh_plugin_manager()
-    assert throwaway_distribution not in registered_strategies()
+    assert installed_example_plugin not in registered_strategies()
     assert {"upcast", "rescale", "clamp"} <= set(registered_strategies())
 
 
-def test_entry_point_strategy_takes_its_turn_in_the_order(
-    saved_model, throwaway_distribution, fresh_plugin_manager
+def test_the_documented_example_plugin_recovers_the_vae_and_declines_elsewhere(
+    saved_model, installed_example_plugin, fresh_plugin_manager
 ):
-    folder, _ = saved_model("vae_encoder")
-    pipe = load(
-        GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=[throwaway_distribution, "upcast"]
-    )
+    vae_folder, _ = saved_model("vae_decoder")
+    transformer_folder, _ = saved_model("single_block_mlp")
+    order = [installed_example_plugin, "upcast"]
 
-    [incident] = fill(pipe).guard_report.incidents
+    [vae] = fill(
+        load(GuardedFluxFillPipeline, vae_folder, torch.float16, guard_strategies=order)
+    ).guard_report.incidents
+    [transformer] = fill(
+        load(GuardedFluxFillPipeline, transformer_folder, torch.float16, guard_strategies=order)
+    ).guard_report.incidents
 
-    assert [(a.strategy, a.outcome) for a in incident.attempts] == [
-        (throwaway_distribution, "declined"),
+    assert (vae.strategy, vae.fixed_module, vae.recovered) == (installed_example_plugin, "vae.decoder", True)
+    assert [(a.strategy, a.outcome) for a in transformer.attempts] == [
+        (installed_example_plugin, "declined"),
         ("upcast", "applied"),
     ]
 

@@ -1,0 +1,183 @@
+"""Trade-offs of the recovery strategies: fidelity, memory and time, per injection site.
+
+Run from the repository root:  python bench/strategies.py [--seeds N] [--rounds N] [--json PATH]
+
+For each site of ``guarded_diffusers.testing.INJECTION_SITES`` a tiny pipeline is saved, then
+loaded guarded in float16 with one strategy at a time (``guard_strategies=[name]``) and compared
+with plain float32 (the reference), plain bfloat16 and plain float16 on the same inputs:
+
+- PSNR against float32, minimum over seeds (each seed recovers from scratch: ``guard.reset()``);
+- parameter memory after recovery over the float16 pipeline's;
+- time of the recovering call (diagnosis, fix, recompute) and of later calls (fix held) over a
+  plain float16 call, from interleaved A B B A rounds and minimum times, next to a plain-against-
+  plain control so the noise floor shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
+import torch
+
+from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
+from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.plugins import DEFAULT_STRATEGIES
+from guarded_diffusers.testing import INJECTION_SITES, save_tiny_pipeline
+
+
+@dataclasses.dataclass
+class Row:
+    """One site and strategy: fidelity, memory and time ratios (``None`` where recovery failed)."""
+
+    site: str
+    strategy: str
+    fixed_module: str | None
+    psnr_guarded_fp16: float | None
+    psnr_bf16: float
+    memory_ratio: float | None
+    recovering_call_ratio: float | None
+    later_call_ratio: float | None
+    error: str | None = None
+
+
+def _seconds(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def interleaved_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> float:
+    """min time of ``b`` / min time of ``a`` over ``rounds`` of A B B A."""
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        times_a.append(_seconds(a))
+        times_b.append(_seconds(b))
+        times_b.append(_seconds(b))
+        times_a.append(_seconds(a))
+    return min(times_b) / min(times_a)
+
+
+def _recovering_call(pipe: GuardedFluxFillPipeline) -> Callable[[], Any]:
+    """A guarded call that recovers from scratch; the reset is timed too, and costs microseconds."""
+
+    def call() -> Any:
+        pipe.guard.reset()
+        return _common.generate(pipe)
+
+    return call
+
+
+def measure(site: str, strategy: str, path: Path, seeds: int, rounds: int, plain: dict[str, Any]) -> Row:
+    pipe = GuardedFluxFillPipeline.from_pretrained(
+        str(path), torch_dtype=torch.float16, guard_strategies=[strategy]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    fp16_bytes = _common.parameter_bytes(plain["float16"])
+    psnrs, bf16 = [], []
+    fixed = None
+    try:
+        for seed in range(seeds):
+            pipe.guard.reset()
+            output = _common.generate(pipe, seed=seed)
+            psnrs.append(psnr(output.images, plain["references"][seed]))
+            bf16.append(plain["bf16_psnr"][seed])
+            fixed = ", ".join(dict.fromkeys(i.fixed_module for i in output.guard_report.incidents))
+    except NonFiniteError as error:
+        pipe.guard.reset()
+        return Row(
+            site, strategy, None, None, min(plain["bf16_psnr"]), None, None, None, str(error).splitlines()[0]
+        )
+    memory = _common.parameter_bytes(pipe) / fp16_bytes
+    baseline = lambda: _common.generate(plain["float16"])  # noqa: E731
+    recovering = interleaved_ratio(baseline, _recovering_call(pipe), rounds)
+    later = interleaved_ratio(baseline, lambda: _common.generate(pipe), rounds)
+    pipe.guard.reset()
+    return Row(site, strategy, fixed, min(psnrs), min(bf16), memory, recovering, later)
+
+
+def plain_pipelines(path: Path, seeds: int) -> dict[str, Any]:
+    """Plain float16 (the time baseline), float32 reference images and bfloat16's PSNR per seed."""
+    reference = _common.load(path, torch.float32)
+    bf16 = _common.load(path, torch.bfloat16)
+    references = [_common.generate(reference, seed=seed).images for seed in range(seeds)]
+    return {
+        "float16": _common.load(path, torch.float16),
+        "references": references,
+        "bf16_psnr": [
+            psnr(_common.generate(bf16, seed=seed).images, references[seed]) for seed in range(seeds)
+        ],
+    }
+
+
+def _cell(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "failed" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| site | strategy | fixed module | guarded fp16 | bf16 | mem ratio | time, recovering call "
+        "| time, later calls |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.site} | {row.strategy} | {f'`{row.fixed_module}`' if row.fixed_module else '-'} "
+            f"| {_cell(row.psnr_guarded_fp16, suffix=' dB')} | {_cell(row.psnr_bf16, suffix=' dB')} "
+            f"| {_cell(row.memory_ratio, 3)} | {_cell(row.recovering_call_ratio)}x "
+            f"| {_cell(row.later_call_ratio)}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="input/generator seeds for PSNR (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="A B B A timing rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timing)")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    _common.quiet()
+    torch.set_num_threads(args.threads)
+    rows, controls = [], []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="guarded-strategies-") as workdir:
+        for site in INJECTION_SITES:
+            path = Path(workdir) / site
+            save_tiny_pipeline(path, site=site)
+            plain = plain_pipelines(path, args.seeds)
+            baseline = lambda plain=plain: _common.generate(plain["float16"])  # noqa: E731
+            controls.append(interleaved_ratio(baseline, baseline, args.rounds))
+            rows.extend(
+                measure(site, name, path, args.seeds, args.rounds, plain) for name in DEFAULT_STRATEGIES
+            )
+    print(markdown_table(rows))
+    print()
+    print(
+        f"PSNR vs plain float32, minimum over {args.seeds} seed(s). Time ratios: minimum guarded time / "
+        f"minimum plain float16 time over {args.rounds} A B B A rounds. Control (plain against plain): "
+        f"{min(controls):.3f}x to {max(controls):.3f}x."
+    )
+    print(f"{_common.machine_summary()}; {time.perf_counter() - start:.0f} s")
+    if args.json:
+        payload = {
+            "machine": _common.machine_summary(),
+            "controls": controls,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0 if all(row.error is None for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
