@@ -39,4 +39,5 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/fidelity.py
+	$(PY) bench/strategies.py
 	$(PY) bench/overhead.py
