@@ -135,7 +135,12 @@ def run_item(
 
     # A database key per item, as hypothesis' pytest plugin gives each parametrized case.
     run_example._hypothesis_internal_add_digest = item.nodeid.encode()  # type: ignore[attr-defined]
-    strategy = fill_inputs(max_size=options.max_size, multiple=multiple, max_steps=options.max_steps)
+    strategy = fill_inputs(
+        max_size=options.max_size,
+        multiple=multiple,
+        max_steps=options.max_steps,
+        max_sequence_length=options.max_sequence_length,
+    )
     test = given(example=strategy)(fluxguard_settings(item.config.rootpath, options.examples)(run_example))
     try:
         test()

@@ -30,6 +30,7 @@ class FluxGuardOptions:
     examples: int
     max_size: int
     max_steps: int
+    max_sequence_length: int
     min_psnr: float | None
     artifacts: Path
     device: str
@@ -58,6 +59,9 @@ _OPTIONS = (
     _Option("examples", "N", "10", "Hypothesis examples per item (and per fluxguard-marked @given test)."),
     _Option("max_size", "PX", "256", "Largest generated height and width, in pixels."),
     _Option("max_steps", "N", "4", "Most inference steps a generated example asks for."),
+    _Option(
+        "max_sequence_length", "TOKENS", "512", "T5 prompt length the pipeline is called with (Flux dev 512)."
+    ),
     _Option("min_psnr", "DB", "", "Guarded items also fail below this PSNR against the float32 output."),
     _Option(
         "artifacts", "DIR", ".fluxguard", "Folder for the PNGs of failing examples (output, mask, image)."
@@ -137,6 +141,7 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
         examples=_bounded(flag["examples"], int, 1)(raw["examples"][0]),
         max_size=_bounded(flag["max_size"], int, 1)(raw["max_size"][0]),
         max_steps=_bounded(flag["max_steps"], int, 1)(raw["max_steps"][0]),
+        max_sequence_length=_bounded(flag["max_sequence_length"], int, 1)(raw["max_sequence_length"][0]),
         min_psnr=_bounded(flag["min_psnr"], float, 0.0)(min_psnr) if min_psnr else None,
         artifacts=(artifacts_base / artifacts).resolve(),
         device=device[0],
