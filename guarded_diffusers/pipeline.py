@@ -103,6 +103,21 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         self.__dict__["guard"] = guard  # what the cached property would hold
         return self
 
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """FluxFillPipeline.save_pretrained, writing the weights as loaded: fixes are lifted for the save.
+
+        Fixes change weights in place (a float32 island, a shifted channel), so saving them would
+        publish a different model; they are reverted for the save and re-applied from their plan.
+        """
+        if not self.guard.fixes:
+            return super().save_pretrained(*args, **kwargs)
+        plan = self.guard.plan()
+        self.guard.reset()
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.guard.apply_plan(plan)
+
     def to_json_string(self) -> str:
         """The pipeline config, naming FluxFillPipeline so saved folders load with plain diffusers."""
         config = json.loads(super().to_json_string())

@@ -157,3 +157,22 @@ def test_a_strategy_with_non_json_parameters_is_named_on_save(tmp_path):
     with pytest.raises(ValueError, match=r"Strategy 'upcast' described its fix on transformer\.proj_out"):
         PrecisionPlan((entry,)).save(tmp_path / "plan.json")
     assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize(("site", "strategy"), [("single_block_mlp", "rescale"), ("vae_encoder", "upcast")])
+def test_save_pretrained_writes_the_weights_as_loaded_and_keeps_the_fixes(
+    saved_model, tmp_path, site, strategy
+):
+    folder, _ = saved_model(site)
+    pipe = load(GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=[strategy])
+    as_loaded = state_snapshot(pipe)
+    first = fill(pipe)
+    fixed = state_snapshot(pipe)
+
+    pipe.save_pretrained(tmp_path)
+
+    assert state_snapshot(load(GuardedFluxFillPipeline, tmp_path, torch.float16)) == as_loaded
+    assert state_snapshot(pipe) == fixed
+    again = fill(pipe)
+    assert again.guard_report.incidents == []
+    np.testing.assert_array_equal(again.images, first.images)
