@@ -12,7 +12,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from hypothesis import given, note
+from hypothesis import given
 
 from guarded_diffusers import GuardReport, NonFiniteError
 from guarded_diffusers.fidelity import psnr
@@ -89,7 +89,6 @@ class GuardedCheck(_Check):
 
     def __call__(self, example: FillInputs) -> None:
         output, report = self.guarded_call(example)
-        note(f"guard report: {report}")
         self.stats.recovered += sum(incident.recovered for incident in report.incidents)
         self.stats.note_module(_first_module(report))
         if output is None:
@@ -102,7 +101,6 @@ class GuardedCheck(_Check):
         reference = self.pipelines.get(self.target.path, self.target.reference_variant, "float32")
         expected = reference(**example.pipeline_kwargs(), output_type="np").images
         value = psnr(images, expected)
-        note(f"PSNR against float32: {value:.2f} dB")
         if value < self.options.min_psnr:
             problem = (
                 f"PSNR {value:.2f} dB against float32 is below --fluxguard-min-psnr {self.options.min_psnr:g}"

@@ -76,7 +76,7 @@ def _marker_arguments(node: Any) -> dict[str, Any]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One test per dtype for tests that take ``fluxguard_dtype``."""
+    """Check the fluxguard marker at collection; one test per dtype for tests taking ``fluxguard_dtype``."""
     arguments = _marker_arguments(metafunc.definition)
     examples = arguments.get("examples")
     if examples is not None and not (isinstance(examples, int) and examples >= 1):
@@ -95,14 +95,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(wrapper=True, tryfirst=True)  # outside hypothesis' wrapper, which reads the settings
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Run a fluxguard-marked @given test with the marker's examples and no deadline."""
-    arguments = _marker_arguments(item)
+    if item.get_closest_marker(MARKER) is None:
+        return (yield)
+    from hypothesis import is_hypothesis_test
+
     function = getattr(item, "obj", None)
     test = getattr(function, "__func__", function)
-    if MARKER not in item.keywords or not getattr(test, "is_hypothesis_test", False):
+    if not is_hypothesis_test(test):
         return (yield)
     # hypothesis has no public per-call override; its own pytest plugin sets this same attribute.
     applied = test._hypothesis_internal_use_settings
-    examples = arguments.get("examples") or item.config.stash[OPTIONS_KEY].examples
+    examples = _marker_arguments(item).get("examples") or item.config.stash[OPTIONS_KEY].examples
     test._hypothesis_internal_use_settings = fluxguard_settings(
         item.config.rootpath, examples, parent=applied
     )
