@@ -120,8 +120,9 @@ def fluxguard_pipeline(pytestconfig: pytest.Config) -> Callable[..., Any]:
     """``fluxguard_pipeline(path=None, *, variant=None, dtype="float16", guarded=False)`` -> pipeline.
 
     Loaded once per session and (path, variant, dtype); ``guarded`` gives GuardedFluxFillPipeline
-    on the same weights. ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
-    with any guard fixes undone, as loaded from disk.
+    on the same modules. ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
+    with any guard fixes undone, as loaded from disk; within a test, a guarded call's fixes also
+    show in the raw pipeline of the same weights until ``guard.reset()``.
     """
     options = pytestconfig.stash[OPTIONS_KEY]
     pipelines = pytestconfig.stash[PIPELINES_KEY]
