@@ -138,6 +138,7 @@ def run_item(
         multiple=multiple,
         max_steps=options.max_steps,
         max_sequence_length=options.max_sequence_length,
+        max_guidance=options.max_guidance,
     )
     test = given(example=strategy)(fluxguard_settings(item.config.rootpath, options.examples)(run_example))
     try:

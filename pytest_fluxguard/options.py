@@ -31,6 +31,7 @@ class FluxGuardOptions:
     max_size: int
     max_steps: int
     max_sequence_length: int
+    max_guidance: float
     min_psnr: float | None
     artifacts: Path
     device: str
@@ -61,6 +62,12 @@ _OPTIONS = (
     _Option("max_steps", "N", "4", "Most inference steps a generated example asks for."),
     _Option(
         "max_sequence_length", "TOKENS", "512", "T5 prompt length the pipeline is called with (Flux dev 512)."
+    ),
+    _Option(
+        "max_guidance",
+        "SCALE",
+        "100",
+        "Largest generated guidance_scale; float16 Flux overflows above 65.5 (guidance x 1000).",
     ),
     _Option("min_psnr", "DB", "", "Guarded items also fail below this PSNR against the float32 output."),
     _Option(
@@ -142,6 +149,7 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
         max_size=_bounded(flag["max_size"], int, 1)(raw["max_size"][0]),
         max_steps=_bounded(flag["max_steps"], int, 1)(raw["max_steps"][0]),
         max_sequence_length=_bounded(flag["max_sequence_length"], int, 1)(raw["max_sequence_length"][0]),
+        max_guidance=_bounded(flag["max_guidance"], float, 0.0)(raw["max_guidance"][0]),
         min_psnr=_bounded(flag["min_psnr"], float, 0.0)(min_psnr) if min_psnr else None,
         artifacts=(artifacts_base / artifacts).resolve(),
         device=device[0],

@@ -118,9 +118,14 @@ def prompts(max_sequence_length: int = 512) -> st.SearchStrategy[str]:
     )
 
 
-def guidance_scales() -> st.SearchStrategy[float]:
-    """Guidance from 0 to 100, FluxFill's default 30 included."""
-    return st.one_of(st.just(FLUX_FILL_GUIDANCE), st.floats(0.0, 100.0))
+def guidance_scales(max_guidance: float = 100.0) -> st.SearchStrategy[float]:
+    """Guidance from 0 to ``max_guidance``, FluxFill's default 30 included when in range.
+
+    Above 65.5 every float16 Flux model overflows: FluxTransformer2DModel multiplies the guidance
+    by 1000 in the working dtype, which passes 65504.
+    """
+    values = st.floats(0.0, max_guidance)
+    return st.one_of(st.just(FLUX_FILL_GUIDANCE), values) if max_guidance >= FLUX_FILL_GUIDANCE else values
 
 
 def inference_steps(max_steps: int = 4) -> st.SearchStrategy[int]:
@@ -140,7 +145,13 @@ def images_per_prompt(max_images: int = 2) -> st.SearchStrategy[int]:
 
 @st.composite
 def _fill_inputs(
-    draw: st.DrawFn, max_size: int, multiple: int, max_steps: int, max_images: int, max_sequence_length: int
+    draw: st.DrawFn,
+    max_size: int,
+    multiple: int,
+    max_steps: int,
+    max_images: int,
+    max_sequence_length: int,
+    max_guidance: float,
 ) -> FillInputs:
     height, width = draw(sizes(max_size, multiple))
     return FillInputs(
@@ -149,7 +160,7 @@ def _fill_inputs(
         mask_image=draw(masks(height, width)),
         height=height,
         width=width,
-        guidance_scale=draw(guidance_scales()),
+        guidance_scale=draw(guidance_scales(max_guidance)),
         num_inference_steps=draw(inference_steps(max_steps)),
         strength=draw(strengths()),
         num_images_per_prompt=draw(images_per_prompt(max_images)),
@@ -164,7 +175,8 @@ def fill_inputs(
     max_steps: int = 4,
     max_images: int = 2,
     max_sequence_length: int = 512,
+    max_guidance: float = 100.0,
 ) -> st.SearchStrategy[FillInputs]:
     """Whole FluxFillPipeline calls; pass ``example.pipeline_kwargs()`` to the pipeline."""
     side_lengths(max_size, multiple)  # fail now, not at the first draw, on an impossible size
-    return _fill_inputs(max_size, multiple, max_steps, max_images, max_sequence_length)
+    return _fill_inputs(max_size, multiple, max_steps, max_images, max_sequence_length, max_guidance)

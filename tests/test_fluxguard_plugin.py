@@ -113,7 +113,14 @@ def test_a_folder_that_is_not_flux_fill_is_one_collection_error(pytester, index,
 
 
 def test_clean_model_passes_every_item_of_every_variant(pytester, clean_model):
-    result = pytester.runpytest(f"--fluxguard-model={clean_model}", "--fluxguard-dtype=float16", "-v", *FAST)
+    # Above 65.5 the guidance itself overflows float16 in every Flux model (guidance x 1000).
+    result = pytester.runpytest(
+        f"--fluxguard-model={clean_model}",
+        "--fluxguard-dtype=float16",
+        "--fluxguard-max-guidance=65",
+        "-v",
+        *FAST,
+    )
     result.assert_outcomes(passed=4)
     name = clean_model.name
     result.stdout.fnmatch_lines_random(

@@ -300,3 +300,18 @@ def test_two_overflows_in_one_component_are_two_incidents_in_one_step(tmp_path):
         (first, 0, True),
         (second, 0, True),
     ]
+
+
+def test_guidance_above_float16_range_overflows_in_the_transformers_own_forward(saved_model):
+    folder, _ = saved_model()
+    plain = load(FluxFillPipeline, folder, torch.float16)
+    pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
+    reference = fill(load(FluxFillPipeline, folder, torch.float32), guidance_scale=66.0).images
+
+    assert not all_finite(fill(plain, guidance_scale=66.0).images)  # 66 x 1000 > 65504
+    output = fill(pipe, guidance_scale=66.0)
+
+    assert psnr(output.images, reference) > 60.0
+    [incident] = output.guard_report.incidents
+    assert incident.module == "transformer.time_text_embed.time_proj"
+    assert (incident.fixed_module, incident.recovered) == ("transformer", True)
