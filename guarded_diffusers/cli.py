@@ -1,0 +1,196 @@
+"""The fluxguard command: guarded Flux Fill inpainting from the shell, and a float16 headroom scan.
+
+``fluxguard fill`` inpaints with GuardedFluxFillPipeline and prints what the guard did.
+``fluxguard scan`` runs generated inputs through a model in float32, records every module's
+largest output, and says which modules run close to the working dtype's limit, with a precision
+plan that fixes them before the first step. ``python -m guarded_diffusers.cli`` is the same
+command; ``accelerate launch -m guarded_diffusers.cli scan ...`` splits a scan across processes.
+Each subcommand's module is imported only when it runs, so ``fill`` never loads accelerate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .cli_inputs import UsageError, bits, positive_int
+
+DTYPES = ("float16", "bfloat16", "float32")
+SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+FILL_HELP = """\
+Guarded inpainting: non-finite stages are found and recovered; prints the guard's incidents.
+
+MODEL is a folder saved with save_pretrained() (model_index.json at its root). Without MODEL,
+fill builds the bundled model: a tiny random Flux Fill pipeline with an injected float16
+overflow, so the guard has something to show; it runs offline in seconds, with a built-in
+32x32 sample image, mask and prompt unless you give your own.
+
+examples:
+  fluxguard fill -o out/fill.png
+  fluxguard fill ./flux-fill --image cup.png --mask cup-mask.png --prompt "a paper cup" -o cup.png
+  fluxguard fill ./flux-fill --plan scan/plan.json --image cup.png --mask cup-mask.png --prompt "" -o cup.png
+"""
+
+SCAN_HELP = """\
+Record headroom per module in float32; mark the modules close to the dtype's limit; plan fixes.
+
+Writes DIR/report.json (modules sorted by headroom = log2(dtype max / absmax), those under the
+margin marked at risk), DIR/plan.json (float32 islands that fix them; use it with
+guard_plan= or fill --plan), DIR/report.html (chart and tables, no network needed) and
+DIR/headroom.png. Samples come from pytest_fluxguard.strategies.fill_inputs, drawn the same
+way every time.
+
+examples:
+  fluxguard scan ./flux-fill --samples 16 --out scan
+  accelerate launch --num_processes 2 -m guarded_diffusers.cli scan ./flux-fill --samples 16 --out scan
+"""
+
+
+class _Exit(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr; ``--help`` returns from ``main`` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def _common(parser: argparse.ArgumentParser, dtypes: tuple[str, ...]) -> None:
+    parser.add_argument(
+        "--dtype", choices=dtypes, default="float16", help="working dtype (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=positive_int,
+        default=512,
+        metavar="TOKENS",
+        help="T5 prompt length (default: %(default)s, as Flux dev)",
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to run; auto picks cuda if present"
+    )
+
+
+def _subcommand(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose first paragraph of ``text`` is its summary and the rest its epilog."""
+    summary, _, epilog = text.partition("\n\n")
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fluxguard", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fill,scan}")
+
+    fill = _subcommand(commands, "fill", FILL_HELP)
+    fill.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        metavar="MODEL",
+        help="Flux Fill model folder (default: bundled tiny model)",
+    )
+    fill.add_argument("--image", type=Path, metavar="IN", help="picture to inpaint")
+    fill.add_argument(
+        "--mask", type=Path, metavar="MASK", help="white where to paint, same size as the image"
+    )
+    fill.add_argument("--prompt", metavar="TEXT", help="what to paint")
+    fill.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png", help="image to write")
+    fill.add_argument("--report", type=Path, metavar="REPORT.json", help="write the guard report as JSON")
+    fill.add_argument(
+        "--plan", type=Path, metavar="PLAN.json", help="precision plan to apply before the first step"
+    )
+    fill.add_argument(
+        "--strategies",
+        metavar="LIST",
+        help="recovery strategies in order, comma-separated, or 'none' to only detect "
+        "(default: the guard's, upcast,rescale,clamp)",
+    )
+    fill.add_argument("--seed", type=int, default=0, metavar="N", help="noise seed (default: %(default)s)")
+    fill.add_argument(
+        "--steps", type=positive_int, default=28, metavar="N", help="denoising steps (default: %(default)s)"
+    )
+    fill.add_argument(
+        "--guidance", type=float, default=30.0, metavar="SCALE", help="guidance scale (default: %(default)s)"
+    )
+    _common(fill, DTYPES)
+    fill.set_defaults(run="fill")
+
+    scan = _subcommand(commands, "scan", SCAN_HELP)
+    scan.add_argument("model", type=Path, metavar="MODEL", help="Flux Fill model folder")
+    scan.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the report and plan")
+    scan.add_argument(
+        "--samples", type=positive_int, default=8, metavar="N", help="generated inputs (default: %(default)s)"
+    )
+    scan.add_argument(
+        "--margin",
+        type=bits,
+        default=1.0,
+        metavar="BITS",
+        help="at risk below this headroom (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--max-size",
+        type=positive_int,
+        default=256,
+        metavar="PX",
+        help="largest generated side (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="most generated steps (default: %(default)s)",
+    )
+    _common(scan, SCAN_DTYPES)
+    scan.set_defaults(run="scan")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.run == "fill":
+        from .cli_fill import run_fill
+
+        return run_fill(args)
+    from .cli_scan import run_scan_command
+
+    return run_scan_command(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; 0 on success, 1 when the guard gave up, 2 on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _Exit as stop:
+        return stop.status
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except UsageError as error:
+        print(f"fluxguard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""``fluxguard scan``: record headroom, mark modules at risk, write the report and a precision plan.
+
+Under ``accelerate launch`` every process records its share of the samples and only the main
+process merges, writes files and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from accelerate import PartialState
+
+from .cli_inputs import UsageError, model_folder, output_folder
+from .demo import quiet
+from .headroom_report import write_report
+from .scan import HeadroomScan
+from .scan_plan import plan_from_scan
+from .scan_run import ScanRequest, SizeTooSmall, run_scan
+
+SHOWN_MODULES = 5
+
+
+def summary(scan: HeadroomScan, islands: list[str]) -> str:
+    """A few lines for the terminal: counts, the lowest headroom, and the plan's islands."""
+    lines = [
+        f"{scan.samples} sample(s), {len(scan.modules)} modules recorded in float32; "
+        f"{len(scan.at_risk)} at risk in {scan.dtype} (headroom under {scan.margin_bits:g} bit)",
+        "lowest headroom (bits):",
+    ]
+    for module in scan.modules[:SHOWN_MODULES]:
+        mark = "  AT RISK" if module.at_risk else ""
+        lines.append(f"  {module.headroom_bits:7.2f}  {module.module} (absmax {module.absmax:.4g}){mark}")
+    lines.append("plan: " + (", ".join(f"float32 island on {name}" for name in islands) or "nothing to fix"))
+    return "\n".join(lines)
+
+
+def run_scan_command(args: argparse.Namespace) -> int:
+    """Check the inputs, scan, and (on the main process) write the files and print the summary."""
+    request = ScanRequest(
+        model=model_folder(args.model),
+        dtype=args.dtype,
+        samples=args.samples,
+        margin_bits=args.margin,
+        max_size=args.max_size,
+        max_steps=args.max_steps,
+        max_sequence_length=args.max_sequence_length,
+        device=args.device,
+    )
+    folder = output_folder(args.out)
+    quiet()
+    started = time.perf_counter()
+    try:
+        scan = run_scan(request)
+    except SizeTooSmall as error:
+        raise UsageError(str(error)) from None
+    if scan is None:
+        return 0
+    plan = plan_from_scan(scan)
+    paths = write_report(scan, plan, folder)
+    print(summary(scan, [entry.module for entry in plan.entries]))
+    seconds, processes = time.perf_counter() - started, PartialState().num_processes
+    print(f"scanned in {seconds:.1f} s on {processes} process(es); wrote {', '.join(map(str, paths))}")
+    return 0

@@ -1,0 +1,44 @@
+"""The scan's inputs: a fixed number of Flux Fill calls drawn from the pytest plugin's strategies.
+
+The scan must see the inputs the fuzzer would try (empty and full masks, saturated images, long
+prompts, large guidance), so it draws from ``pytest_fluxguard.strategies.fill_inputs`` rather
+than from its own generators. Drawing is derandomised and skips hypothesis' database, so every
+process of a distributed scan, and every later scan with the same arguments, gets the same list.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, Phase, given, settings
+
+from pytest_fluxguard.inputs import FillInputs
+from pytest_fluxguard.strategies import fill_inputs
+
+
+def draw_samples(
+    count: int, *, max_size: int, multiple: int, max_steps: int, max_sequence_length: int
+) -> list[FillInputs]:
+    """``count`` deterministic examples of one-image Flux Fill calls, the same on every call."""
+    drawn: list[FillInputs] = []
+    strategy = fill_inputs(
+        max_size=max_size,
+        multiple=multiple,
+        max_steps=max_steps,
+        max_images=1,
+        max_sequence_length=max_sequence_length,
+    )
+
+    @settings(
+        settings.get_profile("default"),
+        max_examples=count,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(strategy)
+    def collect(example: FillInputs) -> None:
+        drawn.append(example)
+
+    collect()
+    return drawn[:count]
