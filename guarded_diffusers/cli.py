@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_inputs import UsageError, bits, positive_int
+from .cli_inputs import UsageError, non_negative, positive_int
 
 DTYPES = ("float16", "bfloat16", "float32")
 SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--margin",
-        type=bits,
+        type=non_negative,
         default=1.0,
         metavar="BITS",
         help="at risk below this headroom (default: %(default)s)",
@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         metavar="N",
         help="most generated steps (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--max-guidance",
+        type=non_negative,
+        default=100.0,
+        metavar="SCALE",
+        help="largest generated guidance; Flux overflows float16 above 65.5 (default: %(default)s)",
     )
     _common(scan, SCAN_DTYPES)
     scan.set_defaults(run="scan")

@@ -98,12 +98,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def bits(text: str) -> float:
-    """argparse type: a finite number of bits, zero or more."""
+def non_negative(text: str) -> float:
+    """argparse type: a finite number, zero or more."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of bits >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value

@@ -30,7 +30,12 @@ def summary(scan: HeadroomScan, islands: list[str]) -> str:
     ]
     for module in scan.modules[:SHOWN_MODULES]:
         mark = "  AT RISK" if module.at_risk else ""
-        lines.append(f"  {module.headroom_bits:7.2f}  {module.module} (absmax {module.absmax:.4g}){mark}")
+        side, peak = (
+            ("input", module.input_absmax)
+            if module.input_headroom_bits < module.headroom_bits
+            else ("output", module.absmax)
+        )
+        lines.append(f"  {module.lowest_bits:7.2f}  {module.module} ({side} absmax {peak:.4g}){mark}")
     lines.append("plan: " + (", ".join(f"float32 island on {name}" for name in islands) or "nothing to fix"))
     return "\n".join(lines)
 
@@ -45,6 +50,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         max_steps=args.max_steps,
         max_sequence_length=args.max_sequence_length,
+        max_guidance=args.max_guidance,
         device=args.device,
     )
     folder = output_folder(args.out)

@@ -58,9 +58,9 @@ def _natural_key(name: str) -> tuple:
 def block_bars(scan: HeadroomScan) -> list[Bar]:
     """One bar per block, in component order then natural name order."""
     lowest: dict[str, Bar] = {}
-    for module in scan.modules:  # sorted by headroom, so the first module seen is the block's lowest
+    for module in scan.modules:  # sorted by lowest headroom, so a block's first module is its lowest
         block = block_of(module.module)
-        lowest.setdefault(block, Bar(block, module.headroom_bits, module.at_risk))
+        lowest.setdefault(block, Bar(block, module.lowest_bits, module.at_risk))
     return [lowest[block] for block in sorted(lowest, key=_natural_key)]
 
 

@@ -17,6 +17,16 @@ from .plan import PrecisionPlan
 from .scan import HeadroomScan, ModuleHeadroom
 
 REPORT_FILES = ("report.json", "plan.json", "report.html", "headroom.png")
+COLUMNS = (
+    "module",
+    "class",
+    "output absmax",
+    "output headroom (bits)",
+    "input absmax",
+    "input headroom (bits)",
+    "calls",
+    "",
+)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -37,19 +47,23 @@ def _bits(value: float) -> str:
 
 
 def _module_rows(modules: tuple[ModuleHeadroom, ...]) -> str:
+    header = "".join(f"<th>{title}</th>" for title in COLUMNS)
     rows = []
     for module in modules:
-        kind = "at-risk" if module.at_risk else "fits"
-        rows.append(
-            f'<tr class="{kind}"><td class="name">{html.escape(module.module)}</td>'
-            f"<td>{html.escape(module.module_class)}</td><td class=number>{module.absmax:.4g}</td>"
-            f"<td class=number>{_bits(module.headroom_bits)}</td><td class=number>{module.calls}</td>"
-            f"<td>{'at risk' if module.at_risk else ''}</td></tr>"
+        numbers = (
+            f"{module.absmax:.4g}",
+            _bits(module.headroom_bits),
+            f"{module.input_absmax:.4g}",
+            _bits(module.input_headroom_bits),
+            str(module.calls),
         )
-    header = (
-        "<tr><th>module</th><th>class</th><th>absmax</th><th>headroom (bits)</th><th>calls</th><th></th></tr>"
-    )
-    return f"<table>{header}{''.join(rows)}</table>"
+        rows.append(
+            f'<tr class="{"at-risk" if module.at_risk else "fits"}">'
+            f'<td class="name">{html.escape(module.module)}</td><td>{html.escape(module.module_class)}</td>'
+            + "".join(f'<td class="number">{number}</td>' for number in numbers)
+            + f"<td>{'at risk' if module.at_risk else ''}</td></tr>"
+        )
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
 
 
 def _plan_section(plan: PrecisionPlan) -> str:
@@ -78,8 +92,9 @@ def report_html(scan: HeadroomScan, plan: PrecisionPlan) -> str:
 <style>{_STYLE}</style></head><body>
 <h1>Headroom scan of <code>{html.escape(scan.model)}</code></h1>
 <p>{summary}</p>
-<p>Headroom is log2({scan.dtype} max / largest output magnitude): below 0 the module overflows
-{scan.dtype}; below the margin it is marked at risk. Each bar is a block's lowest module.</p>
+<p>Headroom is log2({scan.dtype} max / largest magnitude), of each module's output and of its
+inputs: below 0 it overflows {scan.dtype}; below the margin the module is marked at risk. Each
+bar is a block's lowest headroom.</p>
 <h2>Headroom per block</h2>
 {svg_chart(scan)}
 <h2>Precision plan</h2>

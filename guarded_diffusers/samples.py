@@ -15,7 +15,7 @@ from pytest_fluxguard.strategies import fill_inputs
 
 
 def draw_samples(
-    count: int, *, max_size: int, multiple: int, max_steps: int, max_sequence_length: int
+    count: int, *, max_size: int, multiple: int, max_steps: int, max_sequence_length: int, max_guidance: float
 ) -> list[FillInputs]:
     """``count`` deterministic examples of one-image Flux Fill calls, the same on every call."""
     drawn: list[FillInputs] = []
@@ -25,6 +25,7 @@ def draw_samples(
         max_steps=max_steps,
         max_images=1,
         max_sequence_length=max_sequence_length,
+        max_guidance=max_guidance,
     )
 
     @settings(

@@ -1,10 +1,18 @@
-"""Headroom statistics: every module's largest output magnitude, recorded in float32, merged over samples.
+"""Headroom statistics: every module's largest input and output magnitudes, recorded in float32.
 
 A module's headroom in a working dtype is ``log2(dtype max / absmax)``: how many doublings its
 output can take before that dtype overflows. Recording runs the model in float32, so an output
 that would overflow float16 is measured instead of becoming inf: the scan predicts an overflow
-without ever seeing a NaN. The running maximum stays on the device during a sample (one
-reduction per module call) and is read to the host once per sample.
+without ever seeing a NaN.
+
+Inputs are recorded too, because some overflows happen between modules, in a parent's
+``forward``: FluxTransformer2DModel multiplies the guidance by 1000 before its embedder sees it,
+so at guidance 66 no module's output is large, but ``time_text_embed``'s input is. Values at
+exactly float32's largest magnitude are attention-mask sentinels (``finfo(dtype).min``), which
+a model builds in whatever dtype it runs in; they are left out of the input maximum.
+
+The running maxima stay on the device during a sample (a few reductions per module call) and
+are read to the host once per sample.
 """
 
 from __future__ import annotations
@@ -18,21 +26,56 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import absmax_on_device
+from .checks import absmax_on_device, floating_tensors
 
 # The pipeline components with weights; modules are named "component.path" as in the guard's reports.
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "transformer")
 FORMAT = "guarded-diffusers/headroom-report"
-VERSION = 1
+VERSION = 2
+
+
+def input_absmax_on_device(tree: Any) -> torch.Tensor | None:
+    """Largest magnitude over the floating tensors in ``tree``, mask sentinels left out."""
+    peaks = []
+    for tensor in floating_tensors(tree):
+        if tensor.numel():
+            magnitude = tensor.detach().abs()
+            magnitude.masked_fill_(magnitude == torch.finfo(tensor.dtype).max, 0)
+            peaks.append(magnitude.amax().float())
+    if not peaks:
+        return None
+    return torch.stack([peak.to(peaks[0].device) for peak in peaks]).amax()
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleRecord:
-    """What one sample did to each module that ran: largest output magnitude and number of calls."""
+    """What one sample did to each module that ran: largest output and input magnitudes, calls."""
 
     index: int
     absmax: dict[str, float]
+    input_absmax: dict[str, float]
     calls: dict[str, int]
+
+
+class _RunningMax:
+    """Per-name maxima kept as device scalars; ``read()`` moves them all to the host at once."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, torch.Tensor] = {}
+
+    def raise_to(self, name: str, peak: torch.Tensor | None) -> None:
+        if peak is not None:
+            held = self.peaks.get(name)
+            self.peaks[name] = peak if held is None else torch.maximum(held, peak.to(held.device))
+
+    def read(self) -> dict[str, float]:
+        names = sorted(self.peaks)
+        values: list[float] = []
+        if names:
+            device = self.peaks[names[0]].device
+            values = torch.stack([self.peaks[name].to(device) for name in names]).cpu().tolist()
+        self.peaks.clear()
+        return dict(zip(names, values, strict=True))
 
 
 class AbsmaxRecorder:
@@ -40,7 +83,8 @@ class AbsmaxRecorder:
 
     def __init__(self, pipeline: Any) -> None:
         self.classes: dict[str, str] = {}
-        self._peaks: dict[str, torch.Tensor] = {}
+        self._outputs = _RunningMax()
+        self._inputs = _RunningMax()
         self._calls: collections.Counter[str] = collections.Counter()
         self._handles = []
         for component in COMPONENTS:
@@ -50,28 +94,19 @@ class AbsmaxRecorder:
             for path, module in root.named_modules():
                 name = f"{component}.{path}" if path else component
                 self.classes[name] = type(module).__name__
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
 
     def _hook(self, name: str) -> Any:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            peak = absmax_on_device(output)
-            if peak is None:
-                return
-            held = self._peaks.get(name)
-            self._peaks[name] = peak if held is None else torch.maximum(held, peak.to(held.device))
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._outputs.raise_to(name, absmax_on_device(output))
+            self._inputs.raise_to(name, input_absmax_on_device((args, kwargs)))
             self._calls[name] += 1
 
         return record
 
     def take(self, index: int) -> SampleRecord:
-        """The sample just run, read to the host in one transfer; the recorder starts afresh."""
-        names = sorted(self._peaks)
-        values: list[float] = []
-        if names:
-            device = self._peaks[names[0]].device
-            values = torch.stack([self._peaks[name].to(device) for name in names]).cpu().tolist()
-        record = SampleRecord(index, dict(zip(names, values, strict=True)), dict(self._calls))
-        self._peaks.clear()
+        """The sample just run, read to the host; the recorder starts afresh."""
+        record = SampleRecord(index, self._outputs.read(), self._inputs.read(), dict(self._calls))
         self._calls.clear()
         return record
 
@@ -82,22 +117,37 @@ class AbsmaxRecorder:
 
 
 def headroom_bits(absmax: float, dtype_max: float) -> float:
-    """``log2(dtype_max / absmax)``: +inf for an all-zero output, -inf for a non-finite one."""
+    """``log2(dtype_max / absmax)``: +inf for an all-zero tensor, -inf for a non-finite one."""
     if not math.isfinite(absmax):
         return -math.inf
     return math.inf if absmax == 0 else math.log2(dtype_max / absmax)
 
 
+def _json_absmax(value: float) -> float | str:
+    return value if math.isfinite(value) else str(abs(value))
+
+
+def _json_bits(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModuleHeadroom:
-    """One module's merged statistics; ``at_risk`` when its headroom is under the scan's margin."""
+    """One module's merged statistics; ``at_risk`` when its output or input headroom is under the margin."""
 
     module: str
     module_class: str
     calls: int
     absmax: float
     headroom_bits: float
+    input_absmax: float
+    input_headroom_bits: float
     at_risk: bool
+
+    @property
+    def lowest_bits(self) -> float:
+        """The smaller of the output and input headroom: what the module is sorted and charted by."""
+        return min(self.headroom_bits, self.input_headroom_bits)
 
     def to_dict(self) -> dict[str, Any]:
         """Strict JSON: an infinite headroom is ``null`` and a non-finite absmax the string ``"inf"``."""
@@ -105,15 +155,17 @@ class ModuleHeadroom:
             "module": self.module,
             "module_class": self.module_class,
             "calls": self.calls,
-            "absmax": self.absmax if math.isfinite(self.absmax) else str(abs(self.absmax)),
-            "headroom_bits": round(self.headroom_bits, 4) if math.isfinite(self.headroom_bits) else None,
+            "absmax": _json_absmax(self.absmax),
+            "headroom_bits": _json_bits(self.headroom_bits),
+            "input_absmax": _json_absmax(self.input_absmax),
+            "input_headroom_bits": _json_bits(self.input_headroom_bits),
             "at_risk": self.at_risk,
         }
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadroomScan:
-    """Merged statistics of a scan, modules sorted by headroom (lowest first, then by name)."""
+    """Merged statistics of a scan, modules sorted by their lowest headroom, then by name."""
 
     model: str
     dtype: str
@@ -150,6 +202,14 @@ class HeadroomScan:
         }
 
 
+def _maxima(per_sample: Iterable[dict[str, float]]) -> dict[str, float]:
+    peaks: dict[str, float] = {}
+    for sample in per_sample:
+        for name, value in sample.items():
+            peaks[name] = max(peaks.get(name, value), value)
+    return peaks
+
+
 def merge(
     records: Iterable[SampleRecord],
     classes: dict[str, str],
@@ -159,18 +219,21 @@ def merge(
     margin_bits: float,
     sampling: dict[str, Any],
 ) -> HeadroomScan:
-    """Largest absmax and total calls per module over ``records``, whichever process recorded them."""
+    """Largest magnitudes and total calls per module over ``records``, whichever process recorded them."""
     records = sorted(records, key=lambda record: record.index)
-    peaks: dict[str, float] = {}
-    calls: collections.Counter[str] = collections.Counter()
+    outputs = _maxima(record.absmax for record in records)
+    inputs = _maxima(record.input_absmax for record in records)
+    calls = collections.Counter()
     for record in records:
-        for name, value in record.absmax.items():
-            peaks[name] = max(peaks.get(name, value), value)
         calls.update(record.calls)
     dtype_max = torch.finfo(getattr(torch, dtype)).max
     modules = []
-    for name, absmax in peaks.items():
-        bits = headroom_bits(absmax, dtype_max)
-        modules.append(ModuleHeadroom(name, classes[name], calls[name], absmax, bits, bits < margin_bits))
-    modules.sort(key=lambda module: (module.headroom_bits, module.module))
+    for name in sorted(outputs.keys() | inputs.keys()):
+        absmax, input_absmax = outputs.get(name, 0.0), inputs.get(name, 0.0)
+        bits, input_bits = headroom_bits(absmax, dtype_max), headroom_bits(input_absmax, dtype_max)
+        at_risk = min(bits, input_bits) < margin_bits
+        modules.append(
+            ModuleHeadroom(name, classes[name], calls[name], absmax, bits, input_absmax, input_bits, at_risk)
+        )
+    modules.sort(key=lambda module: (module.lowest_bits, module.module))
     return HeadroomScan(model, dtype, margin_bits, len(records), sampling, tuple(modules))

@@ -32,6 +32,7 @@ class ScanRequest:
     max_size: int
     max_steps: int
     max_sequence_length: int
+    max_guidance: float
     device: str = "auto"
 
 
@@ -71,6 +72,7 @@ def run_scan(request: ScanRequest) -> HeadroomScan | None:
         "max_steps": request.max_steps,
         "max_images": 1,
         "max_sequence_length": request.max_sequence_length,
+        "max_guidance": request.max_guidance,
     }
     examples = draw_samples(
         request.samples,
@@ -78,6 +80,7 @@ def run_scan(request: ScanRequest) -> HeadroomScan | None:
         multiple=multiple,
         max_steps=request.max_steps,
         max_sequence_length=request.max_sequence_length,
+        max_guidance=request.max_guidance,
     )
     recorder = AbsmaxRecorder(pipe)
     records: list[SampleRecord] = []

@@ -20,7 +20,7 @@ from guarded_diffusers import GuardedFluxFillPipeline
 from guarded_diffusers.cli import main
 from guarded_diffusers.headroom_chart import block_bars, block_of
 from guarded_diffusers.samples import draw_samples
-from guarded_diffusers.scan import HeadroomScan, ModuleHeadroom
+from guarded_diffusers.scan import AbsmaxRecorder, HeadroomScan, ModuleHeadroom, merge
 from guarded_diffusers.scan_plan import plan_from_scan
 from guarded_diffusers.testing import INJECTION_SITES, sample_inputs
 
@@ -44,9 +44,16 @@ def test_clean_model_marks_nothing_and_writes_every_file(
     report = scan(capsys, folder, tmp_path, "--samples", "2")
     assert report["at_risk"] == []
     assert json.loads((tmp_path / "plan.json").read_text())["fixes"] == []
-    headrooms = [module["headroom_bits"] for module in report["modules"]]
-    assert headrooms == sorted(headrooms)
-    assert min(headrooms) > 8  # random tiny weights: far from float16's limit everywhere
+    lowest = [
+        min(
+            bits if bits is not None else math.inf
+            for bits in (item["headroom_bits"], item["input_headroom_bits"])
+        )
+        for item in report["modules"]
+    ]
+    assert lowest == sorted(lowest)
+    assert min(item["headroom_bits"] for item in report["modules"]) > 8  # random weights: small outputs
+    assert lowest[0] == pytest.approx(math.log2(FLOAT16_MAX / 30000), abs=1e-4)  # guidance 30 x 1000
     page = (tmp_path / "report.html").read_text()
     parser = HTMLParser()
     parser.feed(page)
@@ -87,7 +94,9 @@ def test_report_numbers_match_an_independent_measurement(
 ) -> None:
     folder, injected = saved_model("t5_ff")
     report = scan(capsys, folder, tmp_path, "--samples", "1")
-    (example,) = draw_samples(1, max_size=16, multiple=4, max_steps=2, max_sequence_length=32)
+    (example,) = draw_samples(
+        1, max_size=16, multiple=4, max_steps=2, max_sequence_length=32, max_guidance=100
+    )
     pipe = load(FluxFillPipeline, folder, torch.float32)
     watched = {
         injected: pipe.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wi_1,
@@ -112,6 +121,28 @@ def test_report_numbers_match_an_independent_measurement(
         assert modules[name]["headroom_bits"] == pytest.approx(math.log2(FLOAT16_MAX / absmax), abs=1e-4)
         assert modules[name]["at_risk"] == (absmax > FLOAT16_MAX / 2)
     assert modules[injected]["at_risk"]
+    # FluxTransformer2DModel hands its embedder the guidance times 1000.
+    assert modules["transformer.time_text_embed"]["input_absmax"] == example.guidance_scale * 1000
+
+
+def test_an_overflow_between_modules_shows_in_the_next_module_input(saved_model: SavedModel) -> None:
+    """Guidance 66 overflows float16 inside the transformer's own forward (66 x 1000 > 65504)."""
+    folder, _ = saved_model(None)
+    pipe = load(FluxFillPipeline, folder, torch.float32)
+    recorder = AbsmaxRecorder(pipe)
+    fill(pipe, guidance_scale=66.0, num_inference_steps=1, max_sequence_length=32)
+    scan = merge(
+        [recorder.take(0)], recorder.classes, model="m", dtype="float16", margin_bits=1.0, sampling={}
+    )
+    embedder = scan.by_name()["transformer.time_text_embed"]
+    assert embedder.at_risk and embedder.input_absmax == 66000.0
+    assert embedder.headroom_bits > 1  # its output is small: only the input shows the overflow
+    plan = plan_from_scan(scan)
+    assert [entry.module for entry in plan.entries] == ["transformer"]  # its input is 66, it fits
+    guarded = load(GuardedFluxFillPipeline, folder, torch.float16, guard_plan=plan)
+    output = fill(guarded, guidance_scale=66.0, num_inference_steps=2, max_sequence_length=32)
+    assert output.guard_report.incidents == []
+    assert all_finite(output.images)
 
 
 def test_scan_then_fill_with_its_plan_has_no_incident(
@@ -132,8 +163,9 @@ def test_scan_then_fill_with_its_plan_has_no_incident(
 
 
 def headroom(module: str, absmax: float, margin: float = 1.0) -> ModuleHeadroom:
+    """A module whose inputs are all zero, so its output alone decides."""
     bits = math.log2(FLOAT16_MAX / absmax)
-    return ModuleHeadroom(module, "Module", 1, absmax, bits, bits < margin)
+    return ModuleHeadroom(module, "Module", 1, absmax, bits, 0.0, math.inf, bits < margin)
 
 
 def test_plan_takes_the_smallest_fitting_module_and_drops_nested_islands() -> None:
