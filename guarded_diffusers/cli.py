@@ -2,8 +2,8 @@
 
 ``fluxguard fill`` inpaints with GuardedFluxFillPipeline and prints what the guard did.
 ``fluxguard scan`` runs generated inputs through a model in float32, records every module's
-largest output, and says which modules run close to the working dtype's limit, with a precision
-plan that fixes them before the first step. ``python -m guarded_diffusers.cli`` is the same
+largest output and input, and says which modules run close to the working dtype's limit, with a
+precision plan that fixes them before the first step. ``python -m guarded_diffusers.cli`` is the same
 command; ``accelerate launch -m guarded_diffusers.cli scan ...`` splits a scan across processes.
 Each subcommand's module is imported only when it runs, so ``fill`` never loads accelerate.
 """
@@ -39,8 +39,8 @@ examples:
 SCAN_HELP = """\
 Record headroom per module in float32; mark the modules close to the dtype's limit; plan fixes.
 
-Writes DIR/report.json (modules sorted by headroom = log2(dtype max / absmax), those under the
-margin marked at risk), DIR/plan.json (float32 islands that fix them; use it with
+Writes DIR/report.json (modules sorted by headroom = log2(dtype max / absmax) of their output
+or input, those under the margin marked at risk), DIR/plan.json (float32 islands that fix them; use it with
 guard_plan= or fill --plan), DIR/report.html (chart and tables, no network needed) and
 DIR/headroom.png. Samples come from pytest_fluxguard.strategies.fill_inputs, drawn the same
 way every time.
