@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .cli_inputs import UsageError, image_and_mask, image_output, model_folder, precision_plan, strategy_names
+from .cli_inputs import (
+    UsageError,
+    device,
+    image_and_mask,
+    image_output,
+    model_folder,
+    precision_plan,
+    strategy_names,
+)
 from .demo import quiet
 from .pipeline import GuardedFluxFillPipeline
 from .report import GuardReport, NonFiniteError
@@ -43,7 +51,7 @@ def incident_table(report: GuardReport) -> str:
     )
 
 
-def _device(name: str) -> str:
+def _resolved_device(name: str) -> str:
     if name != "auto":
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +94,7 @@ def run_fill(args: argparse.Namespace) -> int:
     output = image_output(args.output)
     plan = precision_plan(args.plan) if args.plan is not None else None
     strategies = strategy_names(args.strategies)
+    device(args.device)
     quiet()
     with tempfile.TemporaryDirectory(prefix="fluxguard-bundled-") as scratch:
         model = args.model
@@ -99,7 +108,7 @@ def run_fill(args: argparse.Namespace) -> int:
             )
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
-        pipe.to(_device(args.device))
+        pipe.to(_resolved_device(args.device))
         pipe.set_progress_bar_config(disable=False, desc="fill")
         try:
             result = pipe(

@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from pytest_fluxguard.model_folder import NotAFluxFillModel, weight_variants
@@ -66,6 +67,14 @@ def output_folder(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} exists and is not a folder")
     return path
+
+
+def device(name: str) -> str:
+    """``name`` if this machine has it; ``auto`` always passes."""
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if name in available and not available[name]():
+        raise UsageError(f"--device {name}: this machine has no {name} device (use cpu or auto)")
+    return name
 
 
 def precision_plan(path: Path) -> PrecisionPlan:

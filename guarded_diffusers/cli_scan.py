@@ -11,7 +11,7 @@ import time
 
 from accelerate import PartialState
 
-from .cli_inputs import UsageError, model_folder, output_folder
+from .cli_inputs import UsageError, device, model_folder, output_folder
 from .demo import quiet
 from .headroom_report import write_report
 from .scan import HeadroomScan
@@ -51,7 +51,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         max_sequence_length=args.max_sequence_length,
         max_guidance=args.max_guidance,
-        device=args.device,
+        device=device(args.device),
     )
     folder = output_folder(args.out)
     quiet()

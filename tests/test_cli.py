@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from guarded_diffusers.cli import main
@@ -151,7 +152,15 @@ BAD_INPUTS: dict[str, tuple[Callable[[dict[str, Path], Path, Path], list[str | P
 }
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has mps"))
+        if case == "absent device"
+        else case
+        for case in BAD_INPUTS
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(
     case: str,
     capsys: pytest.CaptureFixture[str],
