@@ -1,11 +1,36 @@
-"""Flux Fill in float16 without black images: detect non-finite values at every stage and recover."""
+"""Flux Fill in float16 without black images: detect non-finite values at every stage and recover.
 
-from .hookspecs import hookimpl
-from .pipeline import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
-from .plan import PrecisionPlan
-from .plugins import plugin_manager
-from .recovery import Fix, RecoveryStrategy
-from .report import Attempt, GuardReport, Incident, NonFiniteError
+The public names are imported on first use (PEP 562), so ``import guarded_diffusers`` and the
+``fluxguard`` command's ``--help`` do not pay for importing torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .hookspecs import hookimpl
+    from .pipeline import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
+    from .plan import PrecisionPlan
+    from .plugins import plugin_manager
+    from .recovery import Fix, RecoveryStrategy
+    from .report import Attempt, GuardReport, Incident, NonFiniteError
+
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "Attempt": "report",
+    "Fix": "recovery",
+    "GuardReport": "report",
+    "GuardedFluxFillPipeline": "pipeline",
+    "GuardedFluxPipelineOutput": "pipeline",
+    "Incident": "report",
+    "NonFiniteError": "report",
+    "PrecisionPlan": "plan",
+    "RecoveryStrategy": "recovery",
+    "hookimpl": "hookspecs",
+    "plugin_manager": "plugins",
+}
 
 __all__ = [
     "Attempt",
@@ -21,3 +46,15 @@ __all__ = [
     "plugin_manager",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

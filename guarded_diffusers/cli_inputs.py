@@ -6,13 +6,11 @@ import argparse
 import math
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from pytest_fluxguard.model_folder import NotAFluxFillModel, weight_variants
 
 from .plan import PrecisionPlan
-from .plugins import resolve_strategies
 
 
 class UsageError(Exception):
@@ -71,6 +69,8 @@ def output_folder(path: Path) -> Path:
 
 def device(name: str) -> str:
     """``name`` if this machine has it; ``auto`` always passes."""
+    import torch  # here, not at the top: ``fluxguard --help`` must not wait for torch
+
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if name in available and not available[name]():
         raise UsageError(f"--device {name}: this machine has no {name} device (use cpu or auto)")
@@ -88,6 +88,8 @@ def strategy_names(text: str | None) -> list[str] | None:
     """Names from ``--strategies`` (``none`` turns recovery off), checked against the registered plugins."""
     if text is None:
         return None
+    from .plugins import resolve_strategies  # loads the strategies, hence torch
+
     names = [] if text.strip() == "none" else [name.strip() for name in text.split(",") if name.strip()]
     try:
         resolve_strategies(names)

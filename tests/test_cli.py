@@ -207,3 +207,15 @@ def test_console_script_refuses_bad_input_without_traceback(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert result.stderr == f"fluxguard scan: error: model folder {tmp_path / 'missing'} does not exist\n"
+
+
+def test_help_imports_neither_torch_nor_diffusers() -> None:
+    """``fluxguard --help`` answers at once: the heavy libraries load only when a command runs."""
+    probe = (
+        "import sys; from guarded_diffusers.cli import main; main(['--help']); "
+        "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); "
+        "sys.exit(f'imported {heavy}' if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fill" in result.stdout and "scan" in result.stdout
