@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,24 @@ def reference_images(saved_model: Callable[..., tuple[Path, str | None]]) -> Cal
         return cache[site]
 
     return get
+
+
+@pytest.fixture
+def diffusers_warnings(caplog: pytest.LogCaptureFixture) -> Callable[[], contextlib.AbstractContextManager]:
+    """``with diffusers_warnings(): ...`` captures diffusers' warnings (the guard's log) in ``caplog``."""
+
+    @contextlib.contextmanager
+    def capturing() -> Iterator[None]:
+        diffusers_logging.set_verbosity_warning()
+        diffusers_logging.enable_propagation()
+        try:
+            with caplog.at_level(logging.WARNING, logger="diffusers"):
+                yield
+        finally:
+            diffusers_logging.disable_propagation()
+            diffusers_logging.set_verbosity_error()
+
+    return capturing
 
 
 def load(cls: type[FluxFillPipeline], folder: Path, dtype: torch.dtype, **kwargs: Any) -> Any:

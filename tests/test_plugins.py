@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import all_finite, fill, load
-from diffusers.utils import logging as diffusers_logging
 
 from guarded_diffusers import GuardedFluxFillPipeline, hookimpl, plugin_manager
 from guarded_diffusers.casting import Float32Island
@@ -177,7 +175,9 @@ def test_the_documented_example_plugin_recovers_the_vae_and_declines_elsewhere(
     ]
 
 
-def test_observer_sees_every_settled_incident_and_cannot_break_the_call(saved_model, registered, caplog):
+def test_observer_sees_every_settled_incident_and_cannot_break_the_call(
+    saved_model, registered, caplog, diffusers_warnings
+):
     seen = []
 
     class Recorder:
@@ -194,14 +194,8 @@ def test_observer_sees_every_settled_incident_and_cannot_break_the_call(saved_mo
     registered(Crashes())
     folder, overflowing = saved_model("t5_ff")
     pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
-    diffusers_logging.set_verbosity_warning()
-    diffusers_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="diffusers"):
-            output = fill(pipe)
-    finally:
-        diffusers_logging.disable_propagation()
-        diffusers_logging.set_verbosity_error()
+    with diffusers_warnings():
+        output = fill(pipe)
 
     assert all_finite(output.images)
     assert seen == [(overflowing, True, pipe)]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 from conftest import all_finite, count_calls, fill, hook_count, load, state_snapshot
 from diffusers import DiffusionPipeline, FluxFillPipeline
-from diffusers.utils import logging as diffusers_logging
 
 from guarded_diffusers import GuardedFluxFillPipeline, GuardedFluxPipelineOutput, NonFiniteError
 from guarded_diffusers.casting import Float32Island
@@ -177,17 +175,11 @@ def test_non_finite_latents_from_the_scheduler_raise(saved_model):
     assert (incident.stage, incident.module, incident.recovered) == ("scheduler_step", "scheduler", False)
 
 
-def test_report_is_json_serialisable_and_logged_through_diffusers(saved_model, caplog):
+def test_report_is_json_serialisable_and_logged_through_diffusers(saved_model, caplog, diffusers_warnings):
     folder, overflowing = saved_model("vae_encoder")
     pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
-    diffusers_logging.set_verbosity_warning()
-    diffusers_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="diffusers"):
-            report = fill(pipe).guard_report
-    finally:
-        diffusers_logging.disable_propagation()
-        diffusers_logging.set_verbosity_error()
+    with diffusers_warnings():
+        report = fill(pipe).guard_report
     [incident] = json.loads(report.to_json())["incidents"]
     assert incident["module"] == overflowing
     assert set(incident) >= {"stage", "step", "module", "absmax", "strategy", "recovered"}
