@@ -19,6 +19,7 @@ from .cli_inputs import (
     strategy_names,
 )
 from .demo import quiet
+from .devices import resolve_device
 from .pipeline import GuardedFluxFillPipeline
 from .report import GuardReport, NonFiniteError
 from .testing import sample_inputs, save_tiny_pipeline
@@ -49,12 +50,6 @@ def incident_table(report: GuardReport) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [TABLE_COLUMNS, *rows]
     )
-
-
-def _resolved_device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, object]:
@@ -108,7 +103,7 @@ def run_fill(args: argparse.Namespace) -> int:
             )
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
-        pipe.to(_resolved_device(args.device))
+        pipe.to(resolve_device(args.device))
         pipe.set_progress_bar_config(disable=False, desc="fill")
         try:
             result = pipe(

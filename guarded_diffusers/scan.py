@@ -36,15 +36,8 @@ VERSION = 2
 
 def input_absmax_on_device(tree: Any) -> torch.Tensor | None:
     """Largest magnitude over the floating tensors in ``tree``, mask sentinels left out."""
-    peaks = []
-    for tensor in floating_tensors(tree):
-        if tensor.numel():
-            magnitude = tensor.detach().abs()
-            magnitude.masked_fill_(magnitude == torch.finfo(tensor.dtype).max, 0)
-            peaks.append(magnitude.amax().float())
-    if not peaks:
-        return None
-    return torch.stack([peak.to(peaks[0].device) for peak in peaks]).amax()
+    magnitudes = [tensor.detach().abs() for tensor in floating_tensors(tree)]
+    return absmax_on_device([m.masked_fill(m == torch.finfo(m.dtype).max, 0) for m in magnitudes])
 
 
 @dataclasses.dataclass(frozen=True)

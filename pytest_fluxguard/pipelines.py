@@ -15,6 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from guarded_diffusers.devices import resolve_device
+
 from .options import DTYPES
 
 
@@ -24,14 +26,6 @@ def dtype_name(dtype: Any) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     return name
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclasses.dataclass
@@ -75,7 +69,7 @@ class PipelineCache:
         from diffusers import FluxFillPipeline
 
         raw = FluxFillPipeline.from_pretrained(path, variant=variant, dtype=getattr(torch, dtype))
-        raw.to(_resolve_device(self._device))
+        raw.to(resolve_device(self._device))
         raw.set_progress_bar_config(disable=True)
         self._loaded[key] = _Loaded(raw)
         while len(self._loaded) > self._capacity:
