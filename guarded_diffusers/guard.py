@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from .casting import module_dtype
 from .checks import host_absmax
 from .locate import Location, locate_first_non_finite
+from .options import GuardOptions
 from .plan import PlanEntry, PrecisionPlan
 from .plugins import plugin_manager, registered_strategies
 from .recovery import Fix, RecoveryStrategy
@@ -83,9 +84,12 @@ def _error_text(error: BaseException) -> str:
 class Guard:
     """Watches one pipeline's components; holds the fixes applied so far and the last report."""
 
-    def __init__(self, pipeline: Any, strategies: Sequence[RecoveryStrategy]) -> None:
+    def __init__(
+        self, pipeline: Any, strategies: Sequence[RecoveryStrategy], options: GuardOptions | None = None
+    ) -> None:
         self._pipeline = pipeline
         self.strategies = list(strategies)
+        self.options = options or GuardOptions()
         self.fixes: list[Fix] = []
         self.last_report: GuardReport | None = None
         self._working_dtypes: dict[str, torch.dtype | None] = {}

@@ -21,6 +21,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from .checks import validate_finite_inputs
 from .guard import Guard
+from .options import Fidelity, GuardOptions
 from .plan import PrecisionPlan
 from .plugins import registered_strategies, resolve_strategies
 from .report import GuardReport
@@ -58,7 +59,7 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
     @functools.cached_property
     def guard(self) -> Guard:
         """The guard watching this pipeline: its strategies, fixes, last report, ``plan()``, ``reset()``."""
-        return Guard(self, strategies=resolve_strategies(None))
+        return Guard(self, strategies=resolve_strategies(None), options=GuardOptions())
 
     @classmethod
     def from_pretrained(
@@ -66,16 +67,27 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         pretrained_model_name_or_path: str | os.PathLike[str],
         guard_strategies: Sequence[str] | None = None,
         guard_plan: GuardPlanArgument = None,
+        guard_fidelity: Fidelity = "best",
+        guard_tolerance: float = GuardOptions.tolerance,
+        guard_max_extra_memory: float | int = GuardOptions.max_extra_memory,
         **kwargs: Any,
     ) -> GuardedFluxFillPipeline:
-        """FluxFillPipeline.from_pretrained, plus ``guard_strategies`` and ``guard_plan``.
+        """FluxFillPipeline.from_pretrained, plus the guard's settings.
 
-        Both are checked before any weight is loaded; a plan is applied right after loading, and
-        a plan that does not fit the model is a ``ValueError`` with the pipeline left unfixed.
+        ``guard_strategies``: recovery strategies in order; ``guard_plan``: a precision plan applied
+        right after loading; ``guard_tolerance``: the relative error against float32 a fix may have
+        and still count as recovered (default 2**-8, bfloat16's rounding unit); ``guard_fidelity``:
+        ``"best"`` keeps the most faithful finite fix when none is within tolerance (reported as
+        degraded), ``"strict"`` raises ``NonFiniteError`` instead; ``guard_max_extra_memory``: what
+        all fixes together may add, as a fraction of the parameter bytes (float) or bytes (int).
+        All are checked before any weight is loaded; a plan that does not fit the model is a
+        ``ValueError`` with the pipeline left unfixed.
         """
-        strategies, plan = _guard_arguments(guard_strategies, guard_plan)
+        settings = _guard_arguments(
+            guard_strategies, guard_plan, guard_fidelity, guard_tolerance, guard_max_extra_memory
+        )
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return pipeline._install_guard(strategies, plan)
+        return pipeline._install_guard(*settings)
 
     @classmethod
     def from_pipe(
@@ -83,21 +95,28 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         pipeline: Any,
         guard_strategies: Sequence[str] | None = None,
         guard_plan: GuardPlanArgument = None,
+        guard_fidelity: Fidelity = "best",
+        guard_tolerance: float = GuardOptions.tolerance,
+        guard_max_extra_memory: float | int = GuardOptions.max_extra_memory,
         **kwargs: Any,
     ) -> GuardedFluxFillPipeline:
         """Wrap an existing pipeline's components, keeping their dtype unless ``dtype`` is given.
 
         diffusers' ``from_pipe`` casts the shared components to float32 when no dtype is passed,
         which would silently turn a float16 pipeline (and the source pipeline) into float32.
-        ``guard_strategies`` and ``guard_plan`` work as in ``from_pretrained``.
+        The ``guard_*`` settings work as in ``from_pretrained``.
         """
-        strategies, plan = _guard_arguments(guard_strategies, guard_plan)
+        settings = _guard_arguments(
+            guard_strategies, guard_plan, guard_fidelity, guard_tolerance, guard_max_extra_memory
+        )
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = pipeline.dtype
-        return super().from_pipe(pipeline, **kwargs)._install_guard(strategies, plan)
+        return super().from_pipe(pipeline, **kwargs)._install_guard(*settings)
 
-    def _install_guard(self, strategies: list[Any], plan: PrecisionPlan | None) -> GuardedFluxFillPipeline:
-        guard = Guard(self, strategies)
+    def _install_guard(
+        self, strategies: list[Any], plan: PrecisionPlan | None, options: GuardOptions
+    ) -> GuardedFluxFillPipeline:
+        guard = Guard(self, strategies, options)
         if plan is not None:
             guard.apply_plan(plan)
         self.__dict__["guard"] = guard  # what the cached property would hold
@@ -162,9 +181,14 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
 
 
 def _guard_arguments(
-    guard_strategies: Sequence[str] | None, guard_plan: GuardPlanArgument
-) -> tuple[list[Any], PrecisionPlan | None]:
-    """Resolve strategy names and read the plan: every error here comes before any weight loads."""
+    guard_strategies: Sequence[str] | None,
+    guard_plan: GuardPlanArgument,
+    guard_fidelity: Fidelity,
+    guard_tolerance: float,
+    guard_max_extra_memory: float | int,
+) -> tuple[list[Any], PrecisionPlan | None, GuardOptions]:
+    """Resolve strategy names, read the plan, check the settings: every error comes before any weight loads."""
+    options = GuardOptions(guard_fidelity, guard_tolerance, guard_max_extra_memory)
     strategies = resolve_strategies(guard_strategies)
     if guard_plan is None or isinstance(guard_plan, PrecisionPlan):
         plan = guard_plan
@@ -174,4 +198,4 @@ def _guard_arguments(
         raise TypeError(f"`guard_plan` must be a path or a PrecisionPlan, not {type(guard_plan).__name__}.")
     if plan is not None:
         plan.check_strategies(registered_strategies())
-    return strategies, plan
+    return strategies, plan, options
