@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils import _pytree as pytree
 
 
@@ -51,6 +52,8 @@ def _count_non_finite(value: Any) -> int:
         return int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
     if isinstance(value, np.ndarray):
         return int((~np.isfinite(value)).sum()) if np.issubdtype(value.dtype, np.floating) else 0
+    if isinstance(value, Image.Image):  # only mode "F" holds floats; diffusers turns NaN into 0 silently
+        return _count_non_finite(np.asarray(value)) if value.mode == "F" else 0
     if isinstance(value, list | tuple):
         return sum(_count_non_finite(item) for item in value)
     return 0

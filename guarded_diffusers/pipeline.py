@@ -1,24 +1,29 @@
 """GuardedFluxFillPipeline: FluxFillPipeline that never returns a silent black image.
 
-A thin subclass: it validates user tensors, installs the guard for the duration of each
+A thin subclass: it validates user arguments, installs the guard for the duration of each
 call, checks latents after each step through diffusers' ``callback_on_step_end``, and
 attaches the guard's report to the output. The denoising loop itself is diffusers' own.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from typing_extensions import Self
 
+from .call_checks import check_dtype_arguments, validate_call_arguments
+from .casting import set_tensor_dtype
 from .checks import validate_finite_inputs
 from .guard import Guard
 from .options import Fidelity, GuardOptions
@@ -36,6 +41,11 @@ _CHECKED_INPUTS = (
     "pooled_prompt_embeds",
 )
 _CALL_SIGNATURE = inspect.signature(FluxFillPipeline.__call__)
+_CALL_DEFAULTS = {
+    name: p.default for name, p in _CALL_SIGNATURE.parameters.items() if p.default is not p.empty
+}
+# Set while diffusers' from_pipe runs: its closing ``.to(dtype)`` would cast the shared modules.
+_SKIP_PIPELINE_CAST: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_cast", default=False)
 GuardPlanArgument = PrecisionPlan | str | os.PathLike[str] | None
 
 
@@ -64,14 +74,15 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str | os.PathLike[str],
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
         guard_strategies: Sequence[str] | None = None,
         guard_plan: GuardPlanArgument = None,
         guard_fidelity: Fidelity = "best",
         guard_tolerance: float = GuardOptions.tolerance,
         guard_max_extra_memory: float | int = GuardOptions.max_extra_memory,
-        **kwargs: Any,
-    ) -> GuardedFluxFillPipeline:
+        **kwargs,
+    ) -> Self:
         """FluxFillPipeline.from_pretrained, plus the guard's settings.
 
         ``guard_strategies``: recovery strategies in order; ``guard_plan``: a precision plan applied
@@ -81,8 +92,10 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         degraded), ``"strict"`` raises ``NonFiniteError`` instead; ``guard_max_extra_memory``: what
         all fixes together may add, as a fraction of the parameter bytes (float) or bytes (int).
         All are checked before any weight is loaded; a plan that does not fit the model is a
-        ``ValueError`` with the pipeline left unfixed.
+        ``ValueError`` with the pipeline left unfixed. A ``dtype`` given as text (``"fp16"``) is a
+        ``ValueError``: diffusers would silently load float32.
         """
+        check_dtype_arguments(kwargs, allow_dict=True)
         settings = _guard_arguments(
             guard_strategies, guard_plan, guard_fidelity, guard_tolerance, guard_max_extra_memory
         )
@@ -92,26 +105,44 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
     @classmethod
     def from_pipe(
         cls,
-        pipeline: Any,
+        pipeline,
+        *,
         guard_strategies: Sequence[str] | None = None,
         guard_plan: GuardPlanArgument = None,
         guard_fidelity: Fidelity = "best",
         guard_tolerance: float = GuardOptions.tolerance,
         guard_max_extra_memory: float | int = GuardOptions.max_extra_memory,
-        **kwargs: Any,
-    ) -> GuardedFluxFillPipeline:
-        """Wrap an existing pipeline's components, keeping their dtype unless ``dtype`` is given.
+        **kwargs,
+    ):
+        """Share an existing pipeline's components; without ``dtype`` no module's dtype changes.
 
-        diffusers' ``from_pipe`` casts the shared components to float32 when no dtype is passed,
-        which would silently turn a float16 pipeline (and the source pipeline) into float32.
+        diffusers' ``from_pipe`` casts every shared module (to float32 when no dtype is given), so the
+        source pipeline changes too, and ``.to(float16)`` casts the modules a model keeps in float32
+        (T5's ``wo``, kept there against float16 overflow). Here nothing is cast without ``dtype``; with
+        it, each model is cast as transformers loads it, its ``_keep_in_fp32_modules`` staying float32.
         The ``guard_*`` settings work as in ``from_pretrained``.
         """
+        check_dtype_arguments(kwargs, allow_dict=False)
         settings = _guard_arguments(
             guard_strategies, guard_plan, guard_fidelity, guard_tolerance, guard_max_extra_memory
         )
-        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-            kwargs["dtype"] = pipeline.dtype
-        return super().from_pipe(pipeline, **kwargs)._install_guard(*settings)
+        dtype = kwargs.get("dtype") if kwargs.get("dtype") is not None else kwargs.get("torch_dtype")
+        token = _SKIP_PIPELINE_CAST.set(True)
+        try:
+            new_pipeline = super().from_pipe(pipeline, **kwargs)
+        finally:
+            _SKIP_PIPELINE_CAST.reset(token)
+        if dtype is not None:
+            for component in new_pipeline.components.values():
+                if isinstance(component, torch.nn.Module):
+                    _cast_keeping_float32(component, dtype)
+        return new_pipeline._install_guard(*settings)
+
+    def to(self, *args, **kwargs) -> Self:
+        """DiffusionPipeline.to; inside ``from_pipe`` only, a no-op, so shared modules keep their dtype."""
+        if _SKIP_PIPELINE_CAST.get():
+            return self
+        return super().to(*args, **kwargs)
 
     def _install_guard(
         self, strategies: list[Any], plan: PrecisionPlan | None, options: GuardOptions
@@ -122,18 +153,37 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         self.__dict__["guard"] = guard  # what the cached property would hold
         return self
 
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ):
         """FluxFillPipeline.save_pretrained, writing the weights as loaded: fixes are lifted for the save.
 
         Fixes change weights in place (a float32 island, a shifted channel), so saving them would
         publish a different model; they are reverted for the save and re-applied from their plan.
         """
+        save = functools.partial(
+            super().save_pretrained,
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
+            use_flashpack=use_flashpack,
+            **kwargs,
+        )
         if not self.guard.fixes:
-            return super().save_pretrained(*args, **kwargs)
+            return save()
         plan = self.guard.plan()
         self.guard.reset()
         try:
-            return super().save_pretrained(*args, **kwargs)
+            return save()
         finally:
             self.guard.apply_plan(plan)
 
@@ -143,9 +193,28 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         config["_class_name"] = FluxFillPipeline.__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
-    def encode_prompt(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        prompt_2: str | list[str] | None = None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.FloatTensor | None = None,
+        pooled_prompt_embeds: torch.FloatTensor | None = None,
+        max_sequence_length: int = 512,
+        lora_scale: float | None = None,
+    ):
         """FluxFillPipeline.encode_prompt, in the text encoders' dtype from before any fix upcast them."""
-        prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(*args, **kwargs)
+        prompt_embeds, pooled_prompt_embeds, text_ids = super().encode_prompt(
+            prompt,
+            prompt_2,
+            device,
+            num_images_per_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            max_sequence_length,
+            lora_scale,
+        )
         if not self.guard.fixes:
             return prompt_embeds, pooled_prompt_embeds, text_ids
         t5_dtype = self.guard.working_dtype("text_encoder_2") or prompt_embeds.dtype
@@ -156,6 +225,7 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         bound = _CALL_SIGNATURE.bind(self, *args, **kwargs)
         arguments = bound.arguments
         validate_finite_inputs({name: arguments[name] for name in _CHECKED_INPUTS if name in arguments})
+        validate_call_arguments({**_CALL_DEFAULTS, **arguments}, self.vae_scale_factor * 2)
         user_callback = arguments.get("callback_on_step_end")
         user_inputs = list(arguments.get("callback_on_step_end_tensor_inputs", ["latents"]))
         arguments["callback_on_step_end"] = self._step_callback(user_callback, user_inputs)
@@ -180,6 +250,20 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         return on_step_end
 
 
+def _cast_keeping_float32(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except the tensors transformers keeps in float32 when it loads at ``dtype``."""
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        keep += list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if not keep:
+        module.to(dtype=dtype)
+        return
+    kept = re.compile("|".join(pattern.replace("*", ".*") for pattern in keep))
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            set_tensor_dtype(module, name, torch.float32 if kept.search(name) else dtype)
+
+
 def _guard_arguments(
     guard_strategies: Sequence[str] | None,
     guard_plan: GuardPlanArgument,
@@ -187,7 +271,7 @@ def _guard_arguments(
     guard_tolerance: float,
     guard_max_extra_memory: float | int,
 ) -> tuple[list[Any], PrecisionPlan | None, GuardOptions]:
-    """Resolve strategy names, read the plan, check the settings: every error comes before any weight loads."""
+    """Resolve strategy names, read the plan, check the settings: all errors come before any weight loads."""
     options = GuardOptions(guard_fidelity, guard_tolerance, guard_max_extra_memory)
     strategies = resolve_strategies(guard_strategies)
     if guard_plan is None or isinstance(guard_plan, PrecisionPlan):
