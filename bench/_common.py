@@ -28,7 +28,7 @@ import transformers  # noqa: E402
 from diffusers import FluxFillPipeline  # noqa: E402
 from torch import nn  # noqa: E402
 
-from guarded_diffusers import GuardedFluxFillPipeline  # noqa: E402
+from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline  # noqa: E402
 from guarded_diffusers.testing import sample_inputs  # noqa: E402
 
 # The four components that hold weights; their parameters and buffers are the pipeline's memory.
@@ -48,6 +48,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
     # Plain float16 pipelines turn NaN into images on purpose; numpy's cast warning is expected.
     warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+    # Degraded incidents are tabulated from the report; the warning would repeat them.
+    warnings.filterwarnings("ignore", category=DegradedFixWarning)
 
 
 def available_cpus() -> int:
@@ -67,12 +69,12 @@ def machine_summary() -> str:
 def load(path: str | Path, dtype: torch.dtype, guarded: bool = False) -> FluxFillPipeline:
     """Load a saved pipeline in ``dtype``, plain or guarded, with its progress bar off."""
     cls = GuardedFluxFillPipeline if guarded else FluxFillPipeline
-    pipe = cls.from_pretrained(str(path), torch_dtype=dtype)
+    pipe = cls.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def call_kwargs(size: int = 32, seed: int = 0, steps: int = 4) -> dict[str, Any]:
+def call_kwargs(size: int = 32, seed: int = 0, steps: int = 4, **overrides: Any) -> dict[str, Any]:
     """Arguments of one pipeline call: ``seed`` draws both the input image and the generator."""
     return {
         **sample_inputs(size=size, seed=seed),
@@ -80,12 +82,13 @@ def call_kwargs(size: int = 32, seed: int = 0, steps: int = 4) -> dict[str, Any]
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         "output_type": "np",
         "generator": torch.Generator().manual_seed(seed),
+        **overrides,
     }
 
 
-def generate(pipe: FluxFillPipeline, size: int = 32, seed: int = 0, steps: int = 4) -> Any:
-    """One call of ``pipe`` with ``call_kwargs``; returns the pipeline output."""
-    return pipe(**call_kwargs(size, seed, steps))
+def generate(pipe: FluxFillPipeline, size: int = 32, seed: int = 0, steps: int = 4, **overrides: Any) -> Any:
+    """One call of ``pipe`` with ``call_kwargs`` (``overrides`` replace any of them); the output."""
+    return pipe(**call_kwargs(size, seed, steps, **overrides))
 
 
 class ForwardCounter:

@@ -3,13 +3,17 @@
 Run from the repository root:  python bench/fidelity.py [--seeds N] [--json PATH]
 (the script puts its own folder on ``sys.path`` to import ``_common``).
 
-For each site of ``guarded_diffusers.testing.INJECTION_SITES``, plus a clean model as control, a
+For each site of ``guarded_diffusers.testing.INJECTION_SITES``, plus a clean model as control and
+the clean model at guidance 100 and 1000 (diffusers computes guidance x 1000 in float16 there), a
 tiny pipeline is saved and loaded four ways: plain float32 (the reference), plain bfloat16, plain
-float16 and guarded float16. Per input seed it measures PSNR against float32, the transformer
-forwards the guard adds over plain float16 per incident, and the parameter memory after recovery
-relative to the float16 pipeline. The exit status is 1 when a gate fails, so this is also a check:
-guarded float16 must not be below bfloat16, add at most 2 transformer forwards per incident, and
-grow parameter memory by at most 25 %.
+float16 and guarded float16 with default settings. Per input seed it measures PSNR against
+float32, the transformer forwards the guard adds over plain float16 per incident, and the parameter
+memory after recovery relative to the float16 pipeline. The exit status is 1 when a gate fails, so
+this is also a check: where there are incidents, guarded float16 must be at least 20 dB above
+bfloat16, every incident located at the injected module and recovered (measured within 2**-8 of
+float32 by the guard itself, never degraded), at most 2 extra transformer forwards per incident and
+parameter memory at most 1.05x (the guard's default budget); on the clean model, guarded float16 is
+no worse than bfloat16.
 """
 
 from __future__ import annotations
@@ -36,8 +40,14 @@ from guarded_diffusers.fidelity import psnr
 from guarded_diffusers.testing import INJECTION_SITES, save_tiny_pipeline
 
 MAX_EXTRA_FORWARDS_PER_INCIDENT = 2.0
-MAX_MEMORY_RATIO = 1.25
+MAX_MEMORY_RATIO = 1.05
+MIN_MARGIN_DB = 20.0
 CLEAN = "clean (control)"
+# Cases beyond the injection sites: (name, site, call overrides).
+GUIDANCE_CASES = (
+    ("guidance 100", None, {"guidance_scale": 100.0}),
+    ("guidance 1000", None, {"guidance_scale": 1000.0}),
+)
 
 
 @dataclasses.dataclass
@@ -52,7 +62,7 @@ class SeedResult:
     guarded_forwards_started: int
     guarded_forwards_completed: int
     memory_ratio: float
-    island_extra_bytes: int
+    extra_bytes: int
     incidents: list[dict[str, Any]]
     error: str | None = None
 
@@ -120,10 +130,19 @@ class SiteResult:
             where = f"{self.site} seed {seed.seed}"
             if seed.error:
                 problems.append(f"{where}: guarded call raised: {seed.error.splitlines()[0]}")
-            if not seed.margin >= 0.0:
+            least = MIN_MARGIN_DB if seed.incidents else 0.0
+            if not seed.margin >= least:
                 problems.append(
-                    f"{where}: guarded fp16 {seed.psnr_guarded_fp16:.2f} dB < bf16 {seed.psnr_bf16:.2f} dB"
+                    f"{where}: guarded fp16 {seed.psnr_guarded_fp16:.2f} dB < bf16 {seed.psnr_bf16:.2f} dB "
+                    f"+ {least:g}"
                 )
+            for incident in seed.incidents:
+                if not incident["recovered"]:
+                    problems.append(f"{where}: incident at {incident['module']} not recovered ({incident})")
+                if self.injected_module and incident["module"] != self.injected_module:
+                    problems.append(f"{where}: located {incident['module']}, injected {self.injected_module}")
+            if self.site != CLEAN and not seed.incidents:
+                problems.append(f"{where}: no incident reported")
             if not seed.extra_forwards_per_incident <= MAX_EXTRA_FORWARDS_PER_INCIDENT:
                 problems.append(
                     f"{where}: {seed.extra_forwards} extra transformer forwards for "
@@ -136,17 +155,22 @@ class SiteResult:
         return problems
 
 
-def _plain_images(pipe: Any, seed: int, counter: _common.ForwardCounter | None = None) -> np.ndarray:
+def _plain_images(
+    pipe: Any, seed: int, overrides: dict[str, Any], counter: _common.ForwardCounter | None = None
+) -> np.ndarray:
     """Images of one plain call, counting its transformer forwards when ``counter`` is given."""
     if counter is None:
-        return _common.generate(pipe, seed=seed).images
+        return _common.generate(pipe, seed=seed, **overrides).images
     with counter.watching(pipe.transformer):
-        return _common.generate(pipe, seed=seed).images
+        return _common.generate(pipe, seed=seed, **overrides).images
 
 
-def measure_site(site: str | None, seeds: int, workdir: Path) -> SiteResult:
+def measure_site(
+    name: str, site: str | None, seeds: int, workdir: Path, overrides: dict[str, Any] | None = None
+) -> SiteResult:
     """Save the site's tiny model, load it four ways and measure every seed."""
-    path = workdir / (site or "clean")
+    overrides = overrides or {}
+    path = workdir / name.replace(" ", "-")
     injected = save_tiny_pipeline(path, site=site)
     reference = _common.load(path, torch.float32)
     bf16 = _common.load(path, torch.bfloat16)
@@ -155,15 +179,15 @@ def measure_site(site: str | None, seeds: int, workdir: Path) -> SiteResult:
     base_bytes = _common.parameter_bytes(fp16)
     results = []
     for seed in range(seeds):
-        expected = _plain_images(reference, seed)
+        expected = _plain_images(reference, seed, overrides)
         plain_counter, guarded_counter = _common.ForwardCounter(), _common.ForwardCounter()
-        bf16_images = _plain_images(bf16, seed)
-        fp16_images = _plain_images(fp16, seed, plain_counter)
+        bf16_images = _plain_images(bf16, seed, overrides)
+        fp16_images = _plain_images(fp16, seed, overrides, plain_counter)
         guarded.guard.reset()  # every seed recovers from scratch instead of reusing earlier fixes
         error = None
         with guarded_counter.watching(guarded.transformer):
             try:
-                output = _common.generate(guarded, seed=seed)
+                output = _common.generate(guarded, seed=seed, **overrides)
                 images, report = output.images, output.guard_report
             except NonFiniteError as raised:
                 images, report, error = np.full_like(expected, np.nan), raised.report, str(raised)
@@ -177,14 +201,12 @@ def measure_site(site: str | None, seeds: int, workdir: Path) -> SiteResult:
                 guarded_forwards_started=guarded_counter.started,
                 guarded_forwards_completed=guarded_counter.completed,
                 memory_ratio=_common.parameter_bytes(guarded) / base_bytes,
-                island_extra_bytes=sum(
-                    fix.island.extra_bytes() for fix in guarded.guard.fixes if hasattr(fix, "island")
-                ),
+                extra_bytes=report.extra_bytes,
                 incidents=[incident.to_dict() for incident in report.incidents],
                 error=error,
             )
         )
-    return SiteResult(site or CLEAN, injected, results)
+    return SiteResult(name, injected, results)
 
 
 def _db(value: float) -> str:
@@ -252,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="guarded-bench-") as workdir:
-        for site in (None, *INJECTION_SITES):
-            results.append(measure_site(site, args.seeds, Path(workdir)))
+        cases = [(CLEAN, None, {}), *((site, site, {}) for site in INJECTION_SITES), *GUIDANCE_CASES]
+        for name, site, overrides in cases:
+            results.append(measure_site(name, site, args.seeds, Path(workdir), overrides))
             gc.collect()
     elapsed = time.perf_counter() - start
     failures = [problem for result in results for problem in result.failures()]
@@ -274,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _common.machine_summary(),
             "seeds": args.seeds,
             "gates": {
-                "min_margin_db": 0.0,
+                "min_margin_db": MIN_MARGIN_DB,
                 "max_extra_forwards_per_incident": MAX_EXTRA_FORWARDS_PER_INCIDENT,
                 "max_memory_ratio": MAX_MEMORY_RATIO,
             },
@@ -293,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL:\n  " + "\n  ".join(failures))
         return 1
     print(
-        f"PASS: guarded fp16 >= bf16 at every site, <= {MAX_EXTRA_FORWARDS_PER_INCIDENT:g} extra transformer "
-        f"forwards per incident, parameter memory ratio <= {MAX_MEMORY_RATIO}"
+        f"PASS: guarded fp16 >= bf16 + {MIN_MARGIN_DB:g} dB wherever there were incidents, every incident "
+        f"located and recovered, <= {MAX_EXTRA_FORWARDS_PER_INCIDENT:g} extra transformer forwards per "
+        f"incident, parameter memory ratio <= {MAX_MEMORY_RATIO}"
     )
     return 0
 

@@ -11,16 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .hookspecs import hookimpl
+    from .options import GuardOptions
     from .pipeline import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
     from .plan import PrecisionPlan
     from .plugins import plugin_manager
-    from .recovery import Fix, RecoveryStrategy
-    from .report import Attempt, GuardReport, Incident, NonFiniteError
+    from .recovery import Declined, Fix, RecoveryStrategy
+    from .report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
     "Attempt": "report",
+    "Declined": "recovery",
+    "DegradedFixWarning": "report",
     "Fix": "recovery",
+    "FixInForce": "report",
+    "GuardOptions": "options",
     "GuardReport": "report",
     "GuardedFluxFillPipeline": "pipeline",
     "GuardedFluxPipelineOutput": "pipeline",
@@ -34,7 +39,11 @@ _EXPORTS = {
 
 __all__ = [
     "Attempt",
+    "Declined",
+    "DegradedFixWarning",
     "Fix",
+    "FixInForce",
+    "GuardOptions",
     "GuardReport",
     "GuardedFluxFillPipeline",
     "GuardedFluxPipelineOutput",

@@ -8,6 +8,7 @@ running in its working dtype. Converting float16 or bfloat16 to float32 and back
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,6 +27,19 @@ def floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
     return {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
+
+
+def tensor_bytes(modules: Iterable[nn.Module]) -> int:
+    """Bytes of every parameter and buffer of ``modules``, each tensor counted once (ties, shared)."""
+    tensors = {id(t): t for module in modules for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def float32_extra_bytes(module: nn.Module) -> int:
+    """Bytes a float32 island on ``module`` would add: each narrower floating tensor widened to 4 bytes."""
+    return sum(
+        t.numel() * (4 - t.element_size()) for t in floating_state(module).values() if t.element_size() < 4
+    )
 
 
 def module_dtype(module: nn.Module) -> torch.dtype | None:
@@ -86,3 +100,59 @@ class Float32Island:
             state[name].numel() * (state[name].element_size() - torch.empty((), dtype=dtype).element_size())
             for name, dtype in self.original_dtypes.items()
         )
+
+
+class _Widened:
+    """Float32 copies of some tensors of a module for the duration of its call; put back exactly."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.module = module
+        self.dtypes = {name: t.dtype for name, t in tensors.items() if t.dtype != torch.float32}
+        self.depth = 0
+
+    def enter(self, *_: Any) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            for name in self.dtypes:
+                set_tensor_dtype(self.module, name, torch.float32)
+
+    def leave(self, *_: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            for name, dtype in self.dtypes.items():
+                set_tensor_dtype(self.module, name, dtype)
+
+
+def _plan_widening(module: nn.Module, budget: int) -> list[_Widened]:
+    """Whole subtrees that fit ``budget`` in float32 at once; larger modules only their own tensors."""
+    if float32_extra_bytes(module) <= budget:
+        return [_Widened(module, floating_state(module))]
+    own = {
+        name: t
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if t.is_floating_point()
+    }
+    plans = [_Widened(module, own)] if own else []
+    for child in module.children():
+        plans += _plan_widening(child, budget)
+    return plans
+
+
+def float32_call(module: nn.Module, args: tuple, kwargs: dict, budget: int | None = None) -> Any:
+    """``module(*args, **kwargs)`` computed in float32, holding at most ~``budget`` extra bytes at a time.
+
+    The module's own dtypes are restored exactly afterwards. Without a budget, or when the module
+    fits it, the whole module is widened for the call; otherwise each submodule is widened only
+    while it runs (the largest subtrees that fit at once), so a float32 reference of a whole
+    component costs one block's worth of memory, not the component's.
+    """
+    plans = _plan_widening(module, budget if budget is not None else float32_extra_bytes(module))
+    handles = []
+    try:
+        for plan in plans:
+            handles.append(plan.module.register_forward_pre_hook(plan.enter))
+            handles.append(plan.module.register_forward_hook(plan.leave, always_call=True))
+        return module(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+    finally:
+        for handle in handles:
+            handle.remove()

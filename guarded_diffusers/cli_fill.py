@@ -27,7 +27,7 @@ from .testing import sample_inputs, save_tiny_pipeline
 # The bundled model: tiny, random, built on the fly, with a float16 overflow for the guard to catch.
 BUNDLED_SITE = "single_block_mlp"
 BUNDLED_SIZE = 32
-TABLE_COLUMNS = ("stage", "step", "module", "strategy", "fixed module", "recovered")
+TABLE_COLUMNS = ("stage", "step", "module", "strategy", "fixed module", "error", "recovered")
 
 
 def incident_table(report: GuardReport) -> str:
@@ -41,7 +41,8 @@ def incident_table(report: GuardReport) -> str:
             incident.module or "-",
             incident.strategy or "-",
             incident.fixed_module or "-",
-            "yes" if incident.recovered else "no",
+            "-" if incident.error is None else f"{incident.error:.1e}",
+            "yes" if incident.recovered else "degraded" if incident.degraded else "no",
         )
         for incident in report.incidents
     ]

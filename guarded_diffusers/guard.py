@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,14 +23,26 @@ from diffusers.utils import logging
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .casting import module_dtype
+from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
 from .locate import Location, locate_first_non_finite
+from .measure import Captured, Measurement, capturing, measure
 from .options import GuardOptions
 from .plan import PlanEntry, PrecisionPlan
+from .plan_apply import (
+    PARAMETER_ERRORS,
+    PendingEntry,
+    PlanSource,
+    Rollback,
+    as_plan,
+    check_size,
+    misfit,
+    pending_entries,
+    touched_modules,
+)
 from .plugins import plugin_manager, registered_strategies
-from .recovery import Fix, RecoveryStrategy
-from .report import Attempt, GuardReport, Incident, NonFiniteError
+from .recovery import Declined, Fix, RecoveryStrategy
+from .report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 from .state import StructureSnapshot
 
 # Under diffusers' logger, so diffusers.utils.logging.set_verbosity_*() and its handlers apply.
@@ -97,6 +110,9 @@ class Guard:
         self._fixes_this_call: list[Fix] = []
         self._step = 0
         self._recovering = False
+        self._in_force: dict[int, FixInForce] = {}  # cost and fidelity of each held fix, by id
+        components = [module for module in pipeline.components.values() if isinstance(module, nn.Module)]
+        self._budget_bytes = self.options.budget_bytes(tensor_bytes(components))
 
     # -- public -------------------------------------------------------------------------------
 
@@ -133,20 +149,55 @@ class Guard:
             )
         )
 
-    def apply_plan(self, plan: PrecisionPlan) -> None:
-        """Apply every fix of ``plan``, or none: ``ValueError`` if it does not fit this pipeline."""
+    def apply_plan(self, plan: PlanSource) -> None:
+        """Apply every fix of ``plan`` (a ``PrecisionPlan`` or a plan file's path), or none of them.
+
+        Every entry is checked against this pipeline before any tensor changes, and an entry equal
+        to a fix the guard holds is skipped, so applying a plan twice changes nothing. If a
+        strategy's ``apply`` fails half-way, weights, dtypes and hooks are put back from copies.
+        ``ValueError`` naming the plan, the fix and the field for anything that does not fit.
+        """
+        plan = as_plan(plan)
+        components = [c for name in _COMPONENTS if (c := _resolve(self._pipeline, name)) is not None]
+        module_count = sum(1 for component in components for _ in component.modules())
+        check_size(plan, module_count)
         strategies = registered_strategies()
-        plan.check_strategies(strategies)
+        plan.check(strategies)
+        pending = pending_entries(plan, strategies, self.module, self.plan().entries, module_count)
+        if not pending:
+            return
+        touched = [module for item in pending for module in touched_modules(item.entry, self.module)]
+        rollback = Rollback(components, touched)
         self._note_working_dtypes()
         applied: list[Fix] = []
+        costs: list[FixInForce] = []
+        budget = self._budget_left()
         try:
-            for entry in plan.entries:
-                applied.append(self._apply_entry(entry, strategies[entry.strategy]))
+            for item in pending:
+                before = tensor_bytes(components)
+                applied.append(self._apply_entry(plan, item))
+                added = tensor_bytes(components) - before
+                costs.append(FixInForce(item.entry.strategy, item.entry.module, added))
+                total = sum(cost.extra_bytes for cost in costs)
+                if total > budget:
+                    problem = (
+                        f"the plan's fixes add {total} bytes; {budget} are left (guard_max_extra_memory)"
+                    )
+                    raise misfit(plan, item.index, item.entry, "strategy", problem)
         except BaseException:
-            for fix in reversed(applied):
-                fix.revert()
+            rollback.restore(applied)
             raise
         self.fixes.extend(applied)
+        self._in_force.update((id(fix), cost) for fix, cost in zip(applied, costs, strict=True))
+
+    def in_force(self) -> list[FixInForce]:
+        """The fixes held now, oldest first, with the memory each adds and how faithful it measured."""
+        return [
+            self._in_force.get(id(fix)) or FixInForce(fix.strategy, fix.module_name, 0) for fix in self.fixes
+        ]
+
+    def _budget_left(self) -> int:
+        return self._budget_bytes - sum(cost.extra_bytes for cost in self.in_force())
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[GuardReport]:
@@ -164,9 +215,20 @@ class Guard:
         except BaseException:
             self._revert(self._fixes_this_call)
             raise
+        else:
+            if self._report.degraded:
+                warnings.warn(
+                    DegradedFixWarning(
+                        "guarded_diffusers: no fix came within tolerance of float32 for "
+                        f"{', '.join(i.module or i.stage for i in self._report.incidents if i.degraded)}; "
+                        "the image is finite but may differ from float32's. See `guard_report`."
+                    ),
+                    stacklevel=4,  # the caller of the pipeline: watching, contextlib, __call__
+                )
         finally:
             for handle in handles:
                 handle.remove()
+            self._report.fixes = self.in_force()
             self.last_report = self._report
 
     def check_latents(self, latents: torch.Tensor, step: int) -> None:
@@ -206,8 +268,6 @@ class Guard:
                 self._report.incidents.append(incident)
                 output, location = self._settle(incident, location, call)
                 if location is None:
-                    for settled in self._report.incidents[first:]:
-                        settled.recovered = True
                     return output
             raise self._failure(
                 f"{call.stage.name} is still non-finite after {MAX_INCIDENTS_PER_CALL} recoveries."
@@ -224,41 +284,132 @@ class Guard:
                 f"{call.stage.component} produced a non-finite {call.stage.name} but a diagnostic re-run did "
                 "not reproduce it (non-deterministic kernels?)."
             )
-        return location
+        return dataclasses.replace(location, memory_budget=self._budget_left())
 
     def _settle(
         self, incident: Incident, location: Location, call: _StageCall
     ) -> tuple[Any, Location | None]:
-        """Try strategies in order until a fix holds; returns the recomputed output and the next overflow."""
+        """Try strategies in order until a fix is within tolerance of float32; else keep the most faithful.
+
+        Returns the recomputed stage output and the next overflow in it, if any.
+        """
+        candidates: list[_Trial] = []
         for strategy in self.strategies[:MAX_ATTEMPTS_PER_INCIDENT]:
             attempt = Attempt(strategy.name)
             incident.attempts.append(attempt)
-            snapshot = StructureSnapshot.take(call.module)
-            fix = self._attempt(strategy, location, attempt, snapshot)
-            if fix is None:
+            trial = self._trial(strategy, location, call, attempt)
+            if trial is None:
                 continue
+            error = trial.measurement.error
+            if error is not None and error <= self.options.tolerance:
+                attempt.outcome = "applied"
+                return self._keep(trial, incident)
+            attempt.outcome = "degraded" if error is not None else "unmeasured"
+            attempt.detail = trial.measurement.detail or self._beyond_tolerance(error)
+            candidates.append(trial)
+            self._revert([trial.fix])
+            self._note_restored(attempt, trial.snapshot.restore())
+        best = min(candidates, key=_Trial.rank, default=None)
+        if best is not None and self.options.fidelity == "best":
+            return self._keep_degraded(best, incident)
+        tried = ", ".join(f"{a.strategy} {a.outcome}" for a in incident.attempts)
+        if best is not None:
+            incident.detail = f"no fix came within tolerance of float32 ({tried}; guard_fidelity='strict')"
+        else:
+            incident.detail = (
+                f"no strategy could fix it ({tried})" if tried else "no recovery strategy is enabled"
+            )
+        raise self._unrecovered(incident)
+
+    def _unrecovered(self, incident: Incident) -> NonFiniteError:
+        return self._failure(f"Could not recover {incident.stage} at {incident.module}: {incident.detail}.")
+
+    def _trial(
+        self, strategy: RecoveryStrategy, location: Location, call: _StageCall, attempt: Attempt
+    ) -> _Trial | None:
+        """Apply one strategy's fix, recompute the stage, check it holds, measure it; ``None`` if it fails."""
+        snapshot = StructureSnapshot.take(call.module)
+        bytes_before = tensor_bytes([call.module])
+        fix = self._attempt(strategy, location, attempt, snapshot)
+        if fix is None:
+            return None
+        attempt.extra_bytes = tensor_bytes([call.module]) - bytes_before
+        if location.memory_budget is not None and attempt.extra_bytes > location.memory_budget:
+            detail = f"it adds {attempt.extra_bytes} bytes; {location.memory_budget} are left in the budget"
+            self._reject(fix, attempt, snapshot, "over budget", detail)
+            return None
+        with capturing(location.calls) as captured:
             try:
                 output = call.module(*call.args, **call.kwargs)
             except Exception as error:
                 self._reject(fix, attempt, snapshot, "raised", f"the recompute raised {_error_text(error)}")
-                continue
-            if _shape_of(output) != call.output_shape:
-                self._reject(fix, attempt, snapshot, "invalid", "the fix changed the output's shape or dtype")
-                continue
-            following = None if math.isfinite(host_absmax(output)) else self._locate(call)
-            if following is not None and _overflows_within(following, location, fix):
-                self._reject(
-                    fix, attempt, snapshot, "not held", f"{following.module_name} is still non-finite"
-                )
-                continue
-            attempt.outcome = "applied"
-            incident.strategy, incident.fixed_module = fix.strategy, fix.module_name
-            return output, following
-        tried = ", ".join(f"{a.strategy} {a.outcome}" for a in incident.attempts)
-        incident.detail = (
-            f"no strategy could fix it ({tried})" if tried else "no recovery strategy is enabled"
+                return None
+        if _shape_of(output) != call.output_shape:
+            self._reject(fix, attempt, snapshot, "invalid", "the fix changed the output's shape or dtype")
+            return None
+        following = None if math.isfinite(host_absmax(output)) else self._locate(call)
+        if following is not None and _overflows_within(following, location, fix):
+            self._reject(fix, attempt, snapshot, "not held", f"{following.module_name} is still non-finite")
+            return None
+        params = fix.describe()
+        measurement = self._measure_lifted(fix, location, captured)
+        try:
+            fix = self._reapply(strategy, fix.module_name, params, location)
+        except Exception as error:
+            attempt.outcome = "raised"
+            attempt.detail = f"re-applying it after its measurement raised {_error_text(error)}"
+            self._note_restored(attempt, snapshot.restore())
+            return None
+        self._remember(fix)
+        attempt.error = measurement.error
+        return _Trial(strategy, fix, params, location, output, following, measurement, attempt, snapshot)
+
+    def _reapply(
+        self, strategy: RecoveryStrategy, module_name: str, params: dict[str, Any], location: Location
+    ) -> Fix:
+        """The same fix again: from its description (``apply``), or by a new ``recover`` where none."""
+        fix = (
+            strategy.apply(module_name, params, self.module)
+            if callable(getattr(strategy, "apply", None))
+            else strategy.recover(location)
         )
-        raise self._failure(f"Could not recover {incident.stage} at {incident.module}: {incident.detail}.")
+        if not isinstance(fix, Fix):
+            raise TypeError(f"{strategy.name} did not re-create its fix (got {type(fix).__name__})")
+        return fix
+
+    def _measure_lifted(self, fix: Fix, location: Location, captured: Captured) -> Measurement:
+        """Measure ``fix`` against float32 with the fix lifted, so the reference is the unfixed model."""
+        changed = tuple(getattr(fix, "changed_modules", None) or (fix.module_name,))
+        self._revert([fix])
+        try:
+            return measure(location.calls, captured, changed, self._budget_bytes)
+        except Exception as error:
+            return Measurement(None, None, f"its measurement raised {_error_text(error)}")
+
+    def _keep(self, trial: _Trial, incident: Incident, degraded: bool = False) -> tuple[Any, Location | None]:
+        incident.strategy, incident.fixed_module = trial.fix.strategy, trial.fix.module_name
+        incident.error, incident.measured_module = trial.measurement.error, trial.measurement.module
+        incident.extra_bytes = trial.attempt.extra_bytes or 0
+        incident.recovered, incident.degraded = not degraded, degraded
+        self._in_force[id(trial.fix)] = FixInForce(
+            trial.fix.strategy, trial.fix.module_name, incident.extra_bytes, incident.error
+        )
+        return trial.output, trial.following
+
+    def _keep_degraded(self, trial: _Trial, incident: Incident) -> tuple[Any, Location | None]:
+        """Re-apply the most faithful finite fix (reverted while others were tried); report it degraded."""
+        try:
+            trial.fix = self._reapply(trial.strategy, trial.fix.module_name, trial.params, trial.location)
+        except Exception as error:
+            incident.detail = f"re-applying {trial.strategy.name}'s fix raised {_error_text(error)}"
+            raise self._unrecovered(incident) from error
+        self._remember(trial.fix)
+        incident.detail = trial.attempt.detail
+        trial.attempt.detail += "; kept: the most faithful finite fix"
+        return self._keep(trial, incident, degraded=True)
+
+    def _beyond_tolerance(self, error: float | None) -> str:
+        return f"error {error:.2g} against float32 exceeds the tolerance {self.options.tolerance:.2g}"
 
     def _attempt(
         self, strategy: RecoveryStrategy, location: Location, attempt: Attempt, snapshot: StructureSnapshot
@@ -267,6 +418,9 @@ class Guard:
         self._note_working_dtypes()
         try:
             fix = strategy.recover(location)
+        except Declined as reason:
+            attempt.outcome, attempt.detail = "declined", str(reason)
+            fix = None
         except Exception as error:
             attempt.outcome, attempt.detail = "raised", _error_text(error)
             fix = None
@@ -312,22 +466,17 @@ class Guard:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def _apply_entry(self, entry: PlanEntry, strategy: RecoveryStrategy) -> Fix:
+    def _apply_entry(self, plan: PrecisionPlan, item: PendingEntry) -> Fix:
+        """One checked entry's ``apply``; an error of its parameters becomes the plan's ``ValueError``."""
+        entry = item.entry
         try:
-            module = self.module(entry.module)
-        except KeyError as error:
-            raise ValueError(f"The precision plan does not fit this pipeline: {error.args[0]}.") from None
-        if type(module).__name__ != entry.module_class:
-            raise ValueError(
-                f"The precision plan does not fit this pipeline: {entry.module} is a {type(module).__name__} "
-                f"here but a {entry.module_class} in the plan (made for another model?)."
-            )
-        try:
-            return strategy.apply(entry.module, entry.params, self.module)
-        except (KeyError, ValueError) as error:
-            raise ValueError(
-                f"The precision plan's {entry.strategy} fix on {entry.module} does not fit: {error}"
-            ) from None
+            fix = item.strategy.apply(entry.module, entry.params, self.module)
+        except PARAMETER_ERRORS as error:
+            raise misfit(plan, item.index, entry, "params", f"apply raised {_error_text(error)}") from error
+        if not isinstance(fix, Fix):
+            problem = f"apply returned {type(fix).__name__}, not a Fix"
+            raise misfit(plan, item.index, entry, "strategy", problem)
+        return fix
 
     def _note_working_dtypes(self) -> None:
         """Record each component's dtype before the first fix can change it."""
@@ -343,8 +492,29 @@ class Guard:
         undone = {id(fix) for fix in fixes}
         for fix in reversed(list(fixes)):
             fix.revert()
+            self._in_force.pop(id(fix), None)
         self.fixes = [fix for fix in self.fixes if id(fix) not in undone]
         self._fixes_this_call = [fix for fix in self._fixes_this_call if id(fix) not in undone]
+
+
+@dataclasses.dataclass(eq=False)
+class _Trial:
+    """A fix that held: the stage output it gave, the next overflow (if any), how faithful it measured."""
+
+    strategy: RecoveryStrategy
+    fix: Fix
+    params: dict[str, Any]
+    location: Location
+    output: Any
+    following: Location | None
+    measurement: Measurement
+    attempt: Attempt
+    snapshot: StructureSnapshot
+
+    def rank(self) -> float:
+        """Lower is more faithful; an unmeasured fix ranks after every measured one."""
+        error = self.measurement.error
+        return math.inf if error is None or math.isnan(error) else error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .casting import Float32Island, cast_floating
+from .casting import cast_floating, float32_call
 from .checks import floating_tensors, host_absmax
 
 
@@ -29,6 +29,9 @@ class ModuleCall:
     module: nn.Module
     args: tuple
     kwargs: dict[str, Any]
+    # Which call of ``module`` this was within the component's forward (0 for the first): a
+    # module may run several times per forward (Flux's ``time_proj`` embeds timestep, then guidance).
+    occurrence: int = 0
 
     def __call__(self) -> Any:
         return self.module(*self.args, **self.kwargs)
@@ -52,6 +55,9 @@ class Location:
 
     calls: tuple[ModuleCall, ...]
     absmax: float | None
+    # Bytes a fix may still add within the guard's memory budget (``None``: no limit). Strategies
+    # that trade memory for fidelity consult it, so they decline instead of making a fix over it.
+    memory_budget: int | None = None
 
     @property
     def module_name(self) -> str:
@@ -66,13 +72,17 @@ def _detached_copy(tree: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), tree)
 
 
+def float32_output(call: ModuleCall, budget: int | None = None) -> Any:
+    """``call``'s output with its module run in float32 for this call only (restored exactly after).
+
+    ``budget`` bounds the extra bytes held at once; see ``casting.float32_call``.
+    """
+    return float32_call(call.module, call.args, call.kwargs, budget)
+
+
 def float32_absmax(call: ModuleCall) -> float:
     """The largest magnitude ``call``'s output reaches when its module runs in float32."""
-    island = Float32Island(call.module)
-    try:
-        return host_absmax(call.in_float32())
-    finally:
-        island.revert()
+    return host_absmax(float32_output(call))
 
 
 def locate_first_non_finite(
@@ -85,10 +95,15 @@ def locate_first_non_finite(
     }
     active: list[ModuleCall] = []
     found: list[ModuleCall] = []
+    calls_so_far: dict[nn.Module, int] = {}
 
     def enter(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+        occurrence = calls_so_far.get(module, 0)
+        calls_so_far[module] = occurrence + 1
         active.append(
-            ModuleCall(names[module], module, _detached_copy(call_args), _detached_copy(call_kwargs))
+            ModuleCall(
+                names[module], module, _detached_copy(call_args), _detached_copy(call_kwargs), occurrence
+            )
         )
 
     def leave(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:

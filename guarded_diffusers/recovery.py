@@ -1,7 +1,8 @@
 """The one interface every recovery strategy implements, built-in or a user's.
 
 A strategy receives the ``Location`` of an overflow and either applies a ``Fix`` to the
-model, in place and reversibly, or returns ``None`` when it cannot help. The guard then
+model, in place and reversibly, or returns ``None`` (or raises ``Declined("why")``) when it
+cannot help. The guard then
 recomputes the failed stage and checks it again; the strategy never touches the pipeline.
 ``apply`` re-creates a fix from the parameters its ``describe()`` gave, for precision plans.
 """
@@ -20,6 +21,10 @@ from .locate import Location
 ModuleLookup = Callable[[str], nn.Module]
 
 
+class Declined(Exception):
+    """Raised by ``recover`` instead of returning ``None`` to say why: the report shows the reason."""
+
+
 @runtime_checkable
 class Fix(Protocol):
     """A change a strategy made to the model; it stays until ``revert()``."""
@@ -31,7 +36,11 @@ class Fix(Protocol):
         """Undo the change exactly: weights bit for bit, dtypes, hooks."""
 
     def describe(self) -> dict[str, Any]:
-        """JSON-serialisable parameters of the change, enough for ``apply`` to re-create it."""
+        """JSON-serialisable parameters of the change, enough for ``apply`` to re-create it.
+
+        A fix that changes modules other than ``module_name`` names them all in an optional
+        ``changed_modules`` attribute, so the guard measures a region that encloses every change.
+        """
 
 
 @runtime_checkable
@@ -45,3 +54,15 @@ class RecoveryStrategy(Protocol):
 
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> Fix:
         """Re-create a fix from a plan entry; ``ValueError`` if ``params`` do not fit the model."""
+
+
+@runtime_checkable
+class PlanValidator(Protocol):
+    """Optional for a strategy: check a plan entry before the guard changes any tensor.
+
+    A strategy without ``validate`` still works; its ``apply`` is then the only check, and the
+    guard rolls back whatever a failing ``apply`` changed.
+    """
+
+    def validate(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> None:
+        """``ValueError`` naming the parameter (in backticks) if ``params`` do not fit; changes nothing."""

@@ -10,11 +10,50 @@ from typing import Any
 
 @dataclasses.dataclass
 class Attempt:
-    """One strategy's try at an incident: ``outcome`` is applied, declined, raised, invalid or not held."""
+    """One strategy's try at an incident and what came of it.
+
+    ``outcome``: ``applied`` (kept, within tolerance), ``degraded`` (finite but further from
+    float32 than the tolerance), ``unmeasured`` (finite, but no float32 reference could be run),
+    ``over budget`` (the fix needs more memory than the guard may add), ``declined``, ``raised``,
+    ``invalid`` or ``not held``. ``error`` is the relative L2 error of the changed region against
+    float32 where it was measured; ``extra_bytes`` what the fix added to parameter memory.
+    """
 
     strategy: str
     outcome: str = "pending"
     detail: str = ""
+    error: float | None = None
+    extra_bytes: int | None = None
+
+
+@dataclasses.dataclass
+class FixInForce:
+    """A fix held after a call: what it changed, what it costs in memory and how faithful it measured."""
+
+    strategy: str
+    module: str
+    extra_bytes: int
+    error: float | None = None
+
+    def summary(self) -> str:
+        error = f", error {self.error:.2g}" if self.error is not None else ""
+        return f"{self.strategy} on {self.module} (+{_format_bytes(self.extra_bytes)}{error})"
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
+
+
+def _json_number(value: float | None) -> float | str | None:
+    return str(abs(value)) if value is not None and not math.isfinite(value) else value
+
+
+class DegradedFixWarning(UserWarning):
+    """A stage was made finite, but no fix came within the tolerance of float32: the image may be off."""
 
 
 @dataclasses.dataclass
@@ -25,6 +64,10 @@ class Incident:
     component (``transformer.single_transformer_blocks.1.proj_mlp``); ``absmax`` is the
     largest magnitude its output reaches in float32 (``None`` where it was not measured);
     ``fixed_module`` is the region the strategy changed, which may enclose ``module``;
+    ``error`` is the relative L2 error against float32 of ``measured_module``'s output with the
+    fix, on the inputs it had; ``recovered`` means finite *and* within the guard's tolerance;
+    ``degraded`` means the kept fix made the stage finite but is further from float32 (or could
+    not be measured); ``extra_bytes`` is the parameter memory the fix added;
     ``attempts`` lists every strategy tried, in order, with what came of it.
     """
 
@@ -35,21 +78,29 @@ class Incident:
     strategy: str | None = None
     fixed_module: str | None = None
     recovered: bool = False
+    degraded: bool = False
+    error: float | None = None
+    measured_module: str | None = None
+    extra_bytes: int = 0
     detail: str = ""
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values; a non-finite ``absmax`` becomes the string ``"nan"`` or ``"inf"`` (strict JSON)."""
+        """Plain values; a non-finite ``absmax`` or ``error`` becomes ``"nan"`` or ``"inf"`` (strict JSON)."""
         fields = dataclasses.asdict(self)
-        if self.absmax is not None and not math.isfinite(self.absmax):
-            fields["absmax"] = str(abs(self.absmax))
+        fields["absmax"], fields["error"] = _json_number(self.absmax), _json_number(self.error)
+        for attempt in fields["attempts"]:
+            attempt["error"] = _json_number(attempt["error"])
         return fields
 
     def summary(self) -> str:
         where = f"{self.stage}" + (f" step {self.step}" if self.step is not None else "")
         peak = f" (float32 absmax {self.absmax:.4g})" if self.absmax is not None else ""
+        error = f" (error {self.error:.2g} against float32)" if self.error is not None else ""
         if self.recovered:
-            outcome = f"recovered by {self.strategy} on {self.fixed_module}"
+            outcome = f"recovered by {self.strategy} on {self.fixed_module}{error}"
+        elif self.degraded:
+            outcome = f"DEGRADED: {self.strategy} on {self.fixed_module} is finite but {self.detail}"
         else:
             outcome = f"not recovered: {self.detail}" if self.detail else "not recovered"
         return f"non-finite output at {where} in {self.module}{peak}; {outcome}"
@@ -57,25 +108,40 @@ class Incident:
 
 @dataclasses.dataclass
 class GuardReport:
-    """Incidents of one pipeline call, in the order they happened."""
+    """Incidents of one pipeline call, in the order they happened, and the fixes in force after it."""
 
     incidents: list[Incident] = dataclasses.field(default_factory=list)
+    fixes: list[FixInForce] = dataclasses.field(default_factory=list)
 
     @property
     def recovered(self) -> bool:
         """True when every incident was recovered (and trivially when there was none)."""
         return all(incident.recovered for incident in self.incidents)
 
+    @property
+    def degraded(self) -> bool:
+        """True when some incident was made finite by a fix that is not within tolerance of float32."""
+        return any(incident.degraded for incident in self.incidents)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Parameter memory every fix in force adds together."""
+        return sum(fix.extra_bytes for fix in self.fixes)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"incidents": [incident.to_dict() for incident in self.incidents]}
+        return {
+            "incidents": [incident.to_dict() for incident in self.incidents],
+            "fixes": [dataclasses.asdict(fix) for fix in self.fixes],
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     def __str__(self) -> str:
-        if not self.incidents:
-            return "no incidents"
-        return "\n".join(incident.summary() for incident in self.incidents)
+        lines = [incident.summary() for incident in self.incidents] or ["no incidents"]
+        if self.fixes:
+            lines.append("fixes in force: " + "; ".join(fix.summary() for fix in self.fixes))
+        return "\n".join(lines)
 
 
 class NonFiniteError(RuntimeError):

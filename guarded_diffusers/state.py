@@ -59,3 +59,49 @@ class StructureSnapshot:
 
 def _floating_dtypes(component: nn.Module) -> dict[str, torch.dtype]:
     return {name: tensor.dtype for name, tensor in floating_state(component).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _SavedTensor:
+    owner: nn.Module
+    kind: str  # "_parameters" or "_buffers"
+    attr: str
+    tensor: torch.Tensor
+    copy: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueSnapshot:
+    """Every floating parameter and buffer of some modules: the objects and a host copy of their values.
+
+    Hooks and dtypes are not enough to undo a plan entry whose ``apply`` changed weights in place
+    and then raised: its fix never existed, so no ``revert()`` can run. Copies go to the host, so
+    taking one costs no accelerator memory.
+    """
+
+    saved: tuple[_SavedTensor, ...]
+
+    @classmethod
+    def take(cls, modules: list[nn.Module]) -> ValueSnapshot:
+        saved, seen = [], set()
+        for module in modules:
+            for owner in module.modules():
+                if id(owner) in seen:
+                    continue
+                seen.add(id(owner))
+                for kind in ("_parameters", "_buffers"):
+                    for attr, tensor in getattr(owner, kind).items():
+                        if tensor is not None and tensor.is_floating_point() and not tensor.is_meta:
+                            copy = tensor.detach().to("cpu", copy=True)
+                            saved.append(_SavedTensor(owner, kind, attr, tensor, copy))
+        return cls(tuple(saved))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put each original tensor object back in its module, with its dtype and values bit for bit."""
+        for item in self.saved:
+            getattr(item.owner, item.kind)[item.attr] = item.tensor
+            if item.tensor.dtype == item.copy.dtype and item.tensor.shape == item.copy.shape:
+                item.tensor.copy_(item.copy)
+            else:
+                item.tensor.data = item.copy.to(item.tensor.device)

@@ -71,15 +71,18 @@ def test_fill_on_the_bundled_model_recovers_and_reports(
         assert image.size == (32, 32)
         assert image.mode == "RGB"
     header, row = out.splitlines()[1:3]
-    assert header.split() == ["stage", "step", "module", "strategy", "fixed", "module", "recovered"]
-    assert row.split() == [
+    assert header.split() == ["stage", "step", "module", "strategy", "fixed", "module", "error", "recovered"]
+    # the block's float32 island is over the default 5 % budget on the tiny model: rescale, in float16
+    stage, step, module, strategy, fixed, error, recovered = row.split()
+    assert (stage, step, module, strategy, fixed, recovered) == (
         "denoise",
         "0",
         "transformer.single_transformer_blocks.0.proj_mlp",
-        "upcast",
-        "transformer.single_transformer_blocks.0",
+        "rescale",
+        "transformer.single_transformer_blocks.0.proj_mlp",
         "yes",
-    ]
+    )
+    assert float(error) <= 2**-8
     assert "2/2" in err  # diffusers' own progress bar, on stderr
     incidents = json.loads(report.read_text())["incidents"]
     assert [(item["module"], item["recovered"]) for item in incidents] == [

@@ -72,7 +72,13 @@ def test_builtins_are_plugins_like_any_other():
 def test_strategy_registered_at_run_time_is_used_by_name(saved_model, registered, site):
     registered(WholeComponentPlugin())
     folder, _ = saved_model(site)
-    pipe = load(GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=["whole-component"])
+    pipe = load(
+        GuardedFluxFillPipeline,
+        folder,
+        torch.float16,
+        guard_strategies=["whole-component"],
+        guard_max_extra_memory=1.0,  # a whole component is far over the default 5 %
+    )
 
     output = fill(pipe)
 
@@ -161,14 +167,33 @@ def test_the_documented_example_plugin_recovers_the_vae_and_declines_elsewhere(
     transformer_folder, _ = saved_model("single_block_mlp")
     order = [installed_example_plugin, "upcast"]
 
-    [vae] = fill(
+    [over_budget] = fill(
         load(GuardedFluxFillPipeline, vae_folder, torch.float16, guard_strategies=order)
     ).guard_report.incidents
+    [vae] = fill(
+        load(
+            GuardedFluxFillPipeline,
+            vae_folder,
+            torch.float16,
+            guard_strategies=order,
+            guard_max_extra_memory=1.0,  # the whole coder in float32: far over the default 5 %
+        )
+    ).guard_report.incidents
     [transformer] = fill(
-        load(GuardedFluxFillPipeline, transformer_folder, torch.float16, guard_strategies=order)
+        load(
+            GuardedFluxFillPipeline,
+            transformer_folder,
+            torch.float16,
+            guard_strategies=order,
+            guard_max_extra_memory=0.1,  # room for the tiny single block's float32 island (7.4 %)
+        )
     ).guard_report.incidents
 
     assert (vae.strategy, vae.fixed_module, vae.recovered) == (installed_example_plugin, "vae.decoder", True)
+    first, second = over_budget.attempts
+    assert (first.strategy, first.outcome) == (installed_example_plugin, "declined")
+    assert (second.strategy, second.outcome) == ("upcast", "applied")
+    assert "over guard_max_extra_memory" in first.detail
     assert [(a.strategy, a.outcome) for a in transformer.attempts] == [
         (installed_example_plugin, "declined"),
         ("upcast", "applied"),

@@ -2,35 +2,61 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import all_finite, fill, hook_count, load, state_snapshot
 from diffusers import FluxFillPipeline
 
-from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
+from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline, NonFiniteError
 from guarded_diffusers.fidelity import psnr
 from guarded_diffusers.plugins import DEFAULT_STRATEGIES
 from guarded_diffusers.strategies.clamp import ClampStrategy, saturate
 from guarded_diffusers.testing import INJECTION_SITES
 
 BUILTINS = ("upcast", "rescale", "clamp")
+# Room for a float32 island on any injection site's region (the tiny single block is 7.4 % of the
+# pipeline): these tests are about each strategy's fidelity, the budget is tested on its own.
+ROOMY = 0.1
 
 
 @pytest.mark.parametrize("strategy", BUILTINS)
 @pytest.mark.parametrize("site", INJECTION_SITES)
-def test_each_builtin_recovers_each_site(saved_model, reference_images, site, strategy):
+def test_no_false_recovery_each_builtin_alone_at_each_site(saved_model, reference_images, site, strategy):
+    """Recovered means at least as faithful as bfloat16; anything less is reported degraded and warned."""
     folder, overflowing = saved_model(site)
     reference, bfloat16 = reference_images(site)
-    pipe = load(GuardedFluxFillPipeline, folder, torch.float16, guard_strategies=[strategy])
+    pipe = load(
+        GuardedFluxFillPipeline,
+        folder,
+        torch.float16,
+        guard_strategies=[strategy],
+        guard_max_extra_memory=ROOMY,
+    )
     before = state_snapshot(pipe)
 
-    output = fill(pipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = fill(pipe)
 
     assert all_finite(output.images)
     [incident] = output.guard_report.incidents
-    assert (incident.module, incident.strategy, incident.recovered) == (overflowing, strategy, True)
-    assert [(attempt.strategy, attempt.outcome) for attempt in incident.attempts] == [(strategy, "applied")]
-    if strategy != "clamp":  # clamp trades fidelity for speed: docs/strategies.md has its figures
+    assert (incident.module, incident.strategy) == (overflowing, strategy)
+    assert incident.recovered != incident.degraded
+    degraded_warnings = [w for w in caught if issubclass(w.category, DegradedFixWarning)]
+    if incident.recovered:
+        assert incident.error <= 2.0**-8
+        assert psnr(output.images, reference) >= psnr(bfloat16, reference)
+        assert [(a.strategy, a.outcome) for a in incident.attempts] == [(strategy, "applied")]
+        assert not degraded_warnings and not output.guard_report.degraded
+    else:
+        assert incident.error is None or incident.error > 2.0**-8
+        [attempt] = incident.attempts
+        assert attempt.outcome in ("degraded", "unmeasured")
+        assert len(degraded_warnings) == 1 and output.guard_report.degraded
+    if strategy != "clamp":  # float32 islands and exact power-of-two shifts are faithful everywhere
+        assert incident.recovered
         assert psnr(output.images, reference) > psnr(bfloat16, reference) + 10.0
     pipe.guard.reset()
     assert state_snapshot(pipe) == before
@@ -76,7 +102,8 @@ def test_clamp_margin_must_be_a_fraction(margin):
 def test_default_order_favours_fidelity(saved_model):
     folder, _ = saved_model()
     pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
-    assert [strategy.name for strategy in pipe.guard.strategies] == list(DEFAULT_STRATEGIES) == list(BUILTINS)
+    assert [strategy.name for strategy in pipe.guard.strategies] == list(DEFAULT_STRATEGIES)
+    assert ("guidance", *BUILTINS) == DEFAULT_STRATEGIES
 
 
 def test_from_pipe_takes_guard_strategies(saved_model):
@@ -94,7 +121,8 @@ def test_from_pipe_takes_guard_strategies(saved_model):
         (
             ["upcats"],
             ValueError,
-            r"Unknown recovery strategy in `guard_strategies`: 'upcats'\. Known: clamp, rescale, upcast",
+            r"Unknown recovery strategy in `guard_strategies`: 'upcats'\. "
+            "Known: clamp, guidance, rescale, upcast",
         ),
         (["clamp", "clamp"], ValueError, "names a strategy twice"),
         ("clamp", TypeError, "must be a list of names"),

@@ -1,7 +1,8 @@
 """Built-in recovery strategies, each a plugin registered like a third-party one (see ``plugins.py``)."""
 
 from .clamp import ClampStrategy
+from .guidance import GuidanceStrategy
 from .rescale import RescaleStrategy
 from .upcast import UpcastStrategy
 
-__all__ = ["ClampStrategy", "RescaleStrategy", "UpcastStrategy"]
+__all__ = ["ClampStrategy", "GuidanceStrategy", "RescaleStrategy", "UpcastStrategy"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from ..casting import module_dtype
 from ..hookspecs import hookimpl
 from ..locate import Location
+from ..plan import check_keys, is_real
 from ..recovery import ModuleLookup
 
 # Saturate at this fraction of the dtype's maximum, leaving room for the residual additions
@@ -78,11 +80,22 @@ class ClampStrategy:
             return None
         return _clamp(call.name, call.module, torch.finfo(dtype).max * self.margin)
 
+    def validate(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> None:
+        """Check a plan entry, changing nothing: a real limit (not a bool) inside the module's dtype."""
+        check_keys(params, required=("limit",))
+        module = modules(module_name)
+        dtype = module_dtype(module) or module_dtype(modules(module_name.partition(".")[0])) or torch.float32
+        top = torch.finfo(dtype).max
+        limit = params["limit"]
+        if not (is_real(limit) and 0 < limit <= top):
+            raise ValueError(
+                f"clamp needs a positive finite `limit` no larger than {top:g} ({dtype}'s maximum), "
+                f"not {reprlib.repr(limit)}."
+            )
+
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> ClampFix:
-        limit = params.get("limit")
-        if not isinstance(limit, int | float) or not math.isfinite(limit) or limit <= 0:
-            raise ValueError(f"clamp needs a positive finite `limit`, got {limit!r}.")
-        return _clamp(module_name, modules(module_name), float(limit))
+        self.validate(module_name, params, modules)
+        return _clamp(module_name, modules(module_name), float(params["limit"]))
 
 
 @hookimpl

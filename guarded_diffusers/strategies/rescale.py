@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,15 +28,18 @@ import torch
 from torch import nn
 
 from ..casting import Float32Island
-from ..checks import floating_tensors
+from ..fidelity import relative_l2
 from ..hookspecs import hookimpl
 from ..locate import Location, ModuleCall
+from ..options import DEFAULT_TOLERANCE
+from ..plan import check_keys, is_real
 from ..recovery import ModuleLookup
 from .upcast import FIT_HEADROOM
 
 # A shifted region's output may differ from its float32 output by this much (relative L2 norm):
-# bfloat16's rounding unit, so a kept shift is never coarser than running in bfloat16.
-TOLERANCE = 2.0**-8
+# bfloat16's rounding unit, so a kept shift is never coarser than running in bfloat16. (The guard
+# measures every fix again against its own ``guard_tolerance``; this one picks among shifts.)
+TOLERANCE = DEFAULT_TOLERANCE
 # Consumers compensated per fix at most (each needs one float32 run of the region to find).
 MAX_CONSUMERS = 4
 
@@ -90,6 +94,11 @@ class RescaleFix:
     relative_error: float | None
     scaled: list[_Scaled]
     strategy: str = "rescale"
+
+    @property
+    def changed_modules(self) -> tuple[str, ...]:
+        """The producer and every consumer: the guard measures a region that encloses them all."""
+        return (self.module_name, *self.consumer_shifts)
 
     def revert(self) -> None:
         for slices in reversed(self.scaled):
@@ -165,13 +174,6 @@ def _changed_channels(before: torch.Tensor, after: torch.Tensor) -> Shifts:
     return shifts
 
 
-def _relative_error(output: Any, reference: Any) -> float:
-    pairs = list(zip(floating_tensors(output), floating_tensors(reference), strict=True))
-    difference = math.sqrt(sum(float((o.float() - r).square().sum()) for o, r in pairs))
-    scale = math.sqrt(sum(float(r.square().sum()) for _, r in pairs))
-    return difference / scale if scale else difference
-
-
 class RescaleStrategy:
     """Shifts the overflowing layer's out-of-range channels by powers of two and compensates downstream."""
 
@@ -230,7 +232,7 @@ class RescaleStrategy:
             if _non_finite(scaled):
                 raise _Rejected
             with torch.no_grad():
-                error = _relative_error(region(), reference)
+                error = relative_l2(region(), reference)
             if not error <= TOLERANCE:
                 raise _Rejected
         except BaseException as failure:
@@ -255,37 +257,128 @@ class RescaleStrategy:
                 return name, layer, compensation
         return None
 
+    def validate(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> None:
+        """Check a plan entry, changing nothing: layers, channels, exponents the dtype holds, consumers."""
+        _planned(module_name, params, modules)
+
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> RescaleFix:
-        producer = modules(module_name)
-        if not isinstance(producer, _LAYERS):
-            raise ValueError(
-                f"rescale shifts Linear or convolution layers; {module_name} is {type(producer).__name__}."
-            )
-        producer_shifts = _parse_shifts(params.get("producer_shifts"), producer.weight.shape[0], module_name)
-        consumer_shifts = {
-            name: _parse_shifts(pairs, modules(name).weight.shape[1], name)
-            for name, pairs in dict(params.get("consumer_shifts") or {}).items()
-        }
-        scaled = _shift_producer(producer, producer_shifts)
-        scaled += [_compensate_consumer(modules(name), shifts) for name, shifts in consumer_shifts.items()]
-        return RescaleFix(module_name, producer_shifts, consumer_shifts, params.get("relative_error"), scaled)
+        planned = _planned(module_name, params, modules)
+        scaled = _shift_producer(planned.producer, planned.producer_shifts)
+        try:
+            for layer, shifts in planned.consumers.values():
+                scaled.append(_compensate_consumer(layer, shifts))
+            if _non_finite(scaled):  # checked alone, an entry can still overflow on top of another
+                raise ValueError("the shifted weights are not finite together with the plan's other fixes.")
+        except BaseException:
+            for slices in reversed(scaled):
+                slices.restore()
+            raise
+        consumer_shifts = {name: shifts for name, (_, shifts) in planned.consumers.items()}
+        relative_error = params.get("relative_error")
+        return RescaleFix(module_name, planned.producer_shifts, consumer_shifts, relative_error, scaled)
 
 
 class _Rejected(Exception):
     """This shift does not measure well in this region; undo it and try the next."""
 
 
-def _parse_shifts(pairs: Any, channels: int, module_name: str) -> Shifts:
-    """``[[channel, exponent], ...]`` from a plan, checked against the layer's channel count."""
-    try:
-        shifts = {int(channel): int(exponent) for channel, exponent in pairs}
-    except (TypeError, ValueError) as error:
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """A plan entry's shift, checked against the model: the layers and each one's exponent per channel."""
+
+    producer: nn.Module
+    producer_shifts: Shifts
+    consumers: dict[str, tuple[nn.Module, Shifts]]
+
+
+def _planned(module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> _Planned:
+    """Every check a plan entry needs before any weight moves; ``ValueError`` naming the parameter."""
+    check_keys(params, required=("producer_shifts",), optional=("consumer_shifts", "relative_error"))
+    producer = modules(module_name)
+    if not isinstance(producer, _LAYERS):
         raise ValueError(
-            f"rescale shifts for {module_name} must be [[channel, exponent], ...]: {error}"
-        ) from None
-    if not shifts or not all(0 <= channel < channels for channel in shifts):
-        raise ValueError(f"rescale shifts for {module_name} name channels outside 0..{channels - 1}.")
+            f"rescale shifts Linear or convolution layers; {module_name} is {type(producer).__name__}."
+        )
+    shifts = _parse_shifts(params["producer_shifts"], producer, 0, "producer_shifts", module_name)
+    named = params.get("consumer_shifts", {})
+    if not isinstance(named, Mapping):
+        raise ValueError(f"`consumer_shifts` is an object {{layer: shifts}}, not {type(named).__name__}.")
+    consumers: dict[str, tuple[nn.Module, Shifts]] = {}
+    for name, pairs in named.items():
+        field = f"consumer_shifts.{name}"
+        if not isinstance(name, str):
+            raise ValueError(f"`{field}`: a consumer is named by a string, not {type(name).__name__}.")
+        try:
+            layer = modules(name)
+        except KeyError as error:
+            raise ValueError(f"`{field}`: {error.args[0]}.") from None
+        if layer is producer or not isinstance(layer, _LAYERS) or getattr(layer, "groups", 1) != 1:
+            kind = "the producer itself" if layer is producer else type(layer).__name__
+            raise ValueError(f"`{field}`: a consumer is another Linear or ungrouped convolution, not {kind}.")
+        consumers[name] = (layer, _parse_shifts(pairs, layer, 1, field, name))
+    channels = producer.weight.shape[0]
+    # Without a consumer the shift reaches the output: exact only when a normalisation divides it
+    # out (VAE resnets: conv, then GroupNorm), and that takes one exponent on every channel.
+    if not consumers and (len(shifts) != channels or len(set(shifts.values())) != 1):
+        raise ValueError(
+            f"`consumer_shifts` is empty, but a shift without a consumer is only undone by a normalisation "
+            f"and must then be one exponent on all {channels} channels of {module_name}, not {len(shifts)}."
+        )
+    error = params.get("relative_error")
+    if error is not None and not (is_real(error) and error >= 0):
+        raise ValueError(f"`relative_error` must be null or a number >= 0, not {reprlib.repr(error)}.")
+    return _Planned(producer, shifts, consumers)
+
+
+def _parse_shifts(pairs: Any, layer: nn.Module, axis: int, field: str, module_name: str) -> Shifts:
+    """``[[channel, exponent], ...]``: integer channels of ``layer``'s ``axis``, each once, exponents >= 1."""
+    channels = layer.weight.shape[axis]
+    top = math.floor(math.log2(torch.finfo(layer.weight.dtype).max))  # float16: 15
+    if not isinstance(pairs, list | tuple) or not pairs:
+        raise ValueError(f"`{field}` is a non-empty [[channel, exponent], ...], not {reprlib.repr(pairs)}.")
+    shifts: Shifts = {}
+    for pair in pairs:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(type(v) is int for v in pair)):
+            raise ValueError(f"`{field}` holds [[channel, exponent], ...] integers, not {reprlib.repr(pair)}")
+        channel, exponent = pair
+        if not 0 <= channel < channels:
+            raise ValueError(
+                f"`{field}`: rescale shifts for {module_name} name channels outside 0..{channels - 1} "
+                f"({channel})."
+            )
+        if channel in shifts:
+            raise ValueError(f"`{field}`: channel {channel} is shifted twice.")
+        if not 1 <= exponent <= top:
+            raise ValueError(
+                f"`{field}`: exponent {exponent} of channel {channel} is outside 1..{top}, "
+                f"the shifts {layer.weight.dtype} can hold."
+            )
+        shifts[channel] = exponent
+    sign = -1 if axis == 0 else 1  # producer rows go down, consumer columns up
+    bias = [layer.bias] if axis == 0 and layer.bias is not None else []
+    for tensor in [layer.weight, *bias]:
+        _check_representable(tensor, axis, {c: sign * k for c, k in shifts.items()}, field, module_name)
     return shifts
+
+
+@torch.no_grad()
+def _check_representable(
+    tensor: torch.Tensor, axis: int, exponents: Shifts, field: str, module_name: str
+) -> None:
+    """The shifted slices must stay finite and keep every normal number non-zero, in the tensor's dtype."""
+    if tensor.is_meta:
+        return
+    order = sorted(exponents)
+    original = tensor.index_select(axis, torch.tensor(order, device=tensor.device))
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    factors = torch.tensor([2.0 ** exponents[c] for c in order], device=tensor.device).view(shape)
+    shifted = (original.float() * factors).to(tensor.dtype)
+    info = torch.finfo(tensor.dtype)
+    if not torch.isfinite(shifted).all():
+        raise ValueError(f"`{field}`: the shift takes weights of {module_name} past {tensor.dtype}'s max.")
+    if ((shifted == 0) & (original.abs() >= info.tiny)).any():
+        raise ValueError(f"`{field}`: the shift flushes weights of {module_name} to zero in {tensor.dtype}.")
 
 
 @hookimpl

@@ -4,23 +4,26 @@ Starting at the module that overflowed, each enclosing call is re-run alone in f
 inputs it had; the first whose output fits back into its caller's dtype (with headroom for
 later steps) becomes a float32 island, and everything else keeps running in float16. If the
 search reaches the component itself, the whole component is upcast and the guard's recompute
-decides whether that is enough.
+decides whether that is enough. An island the guard's memory budget cannot hold is never made:
+the strategy declines, and cheaper strategies try.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..casting import Float32Island
+from ..casting import Float32Island, float32_extra_bytes
 from ..checks import host_absmax
 from ..hookspecs import hookimpl
 from ..locate import Location
-from ..recovery import ModuleLookup
+from ..plan import check_keys, is_real
+from ..recovery import Declined, ModuleLookup
 
 # An island's float32 output must fit under the caller dtype's maximum divided by this, so that
 # the next denoising steps, with other inputs, do not overflow at its boundary.
@@ -43,6 +46,16 @@ class UpcastFix:
         return {"dtype": "float32", "output_absmax": self.output_absmax}
 
 
+def _check_affordable(name: str, module: torch.nn.Module, location: Location) -> None:
+    """Decline before converting anything when a float32 island on ``module`` would pass the budget."""
+    cost = float32_extra_bytes(module)
+    if location.memory_budget is not None and cost > location.memory_budget:
+        raise Declined(
+            f"a float32 island on {name} would add {cost} bytes; the memory budget has "
+            f"{location.memory_budget} left (guard_max_extra_memory)"
+        )
+
+
 def _fits(peak: float, dtype: torch.dtype) -> bool:
     return math.isfinite(peak) and peak <= torch.finfo(dtype).max / FIT_HEADROOM
 
@@ -55,6 +68,7 @@ class UpcastStrategy:
     def recover(self, location: Location) -> UpcastFix | None:
         *enclosing, component = location.calls
         for depth, call in enumerate(enclosing):
+            _check_affordable(call.name, call.module, location)  # enclosing modules cost at least as much
             island = Float32Island(call.module)
             try:
                 # The diagnosis already measured the overflowing module itself in float32.
@@ -70,11 +84,22 @@ class UpcastStrategy:
             if caller_dtype is not None and _fits(peak, caller_dtype):
                 return UpcastFix(call.name, island, peak)
             island.revert()
+        _check_affordable(component.name, component.module, location)
         return UpcastFix(component.name, Float32Island(component.module), None)
 
+    def validate(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> None:
+        """Check a plan entry, changing nothing: a float32 island, and a peak that is a finite number."""
+        check_keys(params, optional=("dtype", "output_absmax"))
+        dtype = params.get("dtype", "float32")
+        if not isinstance(dtype, str) or dtype != "float32":
+            raise ValueError(f"`dtype`: upcast only makes float32 islands, not {reprlib.repr(dtype)}.")
+        peak = params.get("output_absmax")
+        if peak is not None and not (is_real(peak) and peak >= 0):
+            raise ValueError(f"`output_absmax` must be null or a number >= 0, not {reprlib.repr(peak)}.")
+        modules(module_name)
+
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> UpcastFix:
-        if params.get("dtype", "float32") != "float32":
-            raise ValueError(f"upcast only makes float32 islands, not {params['dtype']!r}.")
+        self.validate(module_name, params, modules)
         return UpcastFix(module_name, Float32Island(modules(module_name)), params.get("output_absmax"))
 
 

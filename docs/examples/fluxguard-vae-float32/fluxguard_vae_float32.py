@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from guarded_diffusers import hookimpl
-from guarded_diffusers.casting import Float32Island
+from guarded_diffusers import Declined, hookimpl
+from guarded_diffusers.casting import Float32Island, float32_extra_bytes
 
 NAME = "vae-float32"
 
@@ -41,6 +41,10 @@ class VaeFloat32:
         component = location.calls[-1]  # the stage's component: vae.encoder, vae.decoder, transformer...
         if not component.name.startswith("vae."):
             return None
+        cost = float32_extra_bytes(component.module)
+        if location.memory_budget is not None and cost > location.memory_budget:
+            # Say why before converting anything: the guard would refuse the fix over budget anyway.
+            raise Declined(f"{component.name} in float32 adds {cost} bytes, over guard_max_extra_memory")
         return CoderInFloat32(component.name, Float32Island(component.module))
 
     def apply(
