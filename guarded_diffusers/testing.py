@@ -8,6 +8,16 @@ Overflow injection amplifies a few output channels of one layer by a power of tw
 float32 values pass float16's maximum (65504) while every weight stays representable in
 float16. The consuming layer attenuates the same channels (or a normalisation absorbs the
 scale), so the float32 and bfloat16 models stay finite and the float16 model goes NaN.
+
+Residual-stream injection (``RESIDUAL_SITES``) mimics how real Flux checkpoints overflow float16:
+"massive activations", a channel of a block's output layer at about 1.2e5 whatever the input, gated
+into the residual stream, with every weight at most 7500. A later block subtracts exactly the same
+constant, so in float32 the stream is back to its normal values after it and the image still follows
+the input; the output head does not read the massive channel, whose small values bfloat16 loses under
+the constant. diffusers clips the single blocks' output and the double blocks' text stream to +-65504
+in float16, so two of these sites stay finite in float16 (``SILENTLY_CLIPPED_SITES``): the clipped
+sum leaves the cancelling block a remainder of -65504 instead of about 0, and the image is finite but
+far worse than bfloat16's. The double block's image stream is not clipped, so the third goes NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 __all__ = [
     "INJECTION_SITES",
     "MID",
+    "RESIDUAL_SITES",
+    "SILENTLY_CLIPPED_SITES",
     "TINY",
     "TinySpec",
     "inject_overflow",
@@ -41,6 +53,19 @@ _AMPLIFIED_WEIGHT_MAX = 2.0**15
 # (>= 2**-14) so float16 storage loses no more precision there than anywhere else.
 _ATTENUATION = 2.0**-10
 _AMPLIFIED_CHANNELS = 4
+# Residual-stream sites: channels made massive, the constant pre-activation of the
+# _AMPLIFIED_CHANNELS feeder rows (GELU(4) ~ 4 for any input once their weights are 0), and the
+# weight reading them: 4 x GELU(4) x 7500 ~ 1.2e5, past 65504 with every weight far inside it.
+# One channel, as real checkpoints have a few among thousands: bfloat16 rounds away the stream's own
+# small values in it (its ulp is 128 at 3e4), which costs a 32-channel model ~7 dB of bfloat16 PSNR
+# per channel the output head reads; every channel the head ignores moves float32 from the clean model.
+_MASSIVE_CHANNELS = 1
+_CONSTANT_PREACTIVATION = 4.0
+_MASSIVE_WEIGHT = 7500.0
+# Gates of the massive channels: 0.25 keeps a block's output near 3e4 (inside float16, below
+# 32752) while the layer before the gate reaches 1.2e5; 0.66 puts about 8e4 into the stream itself.
+_CONTAINED_GATE = 0.25
+_RESIDUAL_GATE = 0.66
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +252,113 @@ INJECTION_SITES: dict[str, Callable[[FluxFillPipeline, int], str]] = {
 }
 
 
+@torch.no_grad()
+def _massive_activation(
+    feeder: nn.Linear,
+    producer: nn.Linear,
+    column_offset: int,
+    modulation: nn.Linear,
+    gate_row: int,
+    gate: float,
+    weight: float = _MASSIVE_WEIGHT,
+) -> None:
+    """Make ``producer``'s first channels ~1.2e5 for every input, and gate them into the residual stream.
+
+    ``feeder``'s first rows become constants (weights 0, bias 4: GELU gives ~4) that ``producer`` reads at
+    ``column_offset`` with ``weight``. The AdaLN ``modulation`` rows from ``gate_row`` become the constant
+    ``gate`` of those channels, so the timestep cannot move how much of the 1.2e5 the residual stream gets.
+    With ``-weight`` and the same gate a later block subtracts, in float32, exactly what this one added.
+    """
+    feeders, channels = slice(0, _AMPLIFIED_CHANNELS), slice(0, _MASSIVE_CHANNELS)
+    feeder.weight[feeders] = 0.0
+    feeder.bias[feeders] = _CONSTANT_PREACTIVATION
+    producer.weight[channels, column_offset : column_offset + _AMPLIFIED_CHANNELS] = weight
+    modulation.weight[gate_row : gate_row + _MASSIVE_CHANNELS] = 0.0
+    modulation.bias[gate_row : gate_row + _MASSIVE_CHANNELS] = gate
+
+
+@torch.no_grad()
+def _head_ignores_massive_channels(pipe: FluxFillPipeline) -> None:
+    """Zero the output head's columns of the massive channels: they carry a constant, not content."""
+    pipe.transformer.proj_out.weight[:, :_MASSIVE_CHANNELS] = 0.0
+
+
+def _single_block_massive(pipe: FluxFillPipeline, block: int, gate: float, weight: float) -> str:
+    """Massive ``proj_out`` channels of a single block, fed by ``proj_mlp`` (its GELU follows the attention).
+
+    A single block runs on ``cat(text, image)`` tokens: it adds the same constant to both streams.
+    """
+    layer, dim = pipe.transformer.single_transformer_blocks[block], pipe.transformer.inner_dim
+    # AdaLayerNormZeroSingle chunks its linear into (shift, scale, gate).
+    _massive_activation(layer.proj_mlp, layer.proj_out, dim, layer.norm.linear, 2 * dim, gate, weight)
+    return f"transformer.single_transformer_blocks.{block}.proj_out"
+
+
+def _single_block_residual(gate: float) -> Callable[[FluxFillPipeline, int], str]:
+    """Massive channels added at single block ``block`` and removed again by the next one.
+
+    In float32 the stream returns to its normal values after the cancelling block; in float16 the
+    first block's sum is clipped at 65504 and the cancelling one cannot put back what was cut.
+    """
+
+    def inject(pipe: FluxFillPipeline, block: int) -> str:
+        if block + 1 >= pipe.transformer.config.num_single_layers:
+            raise ValueError(
+                f"Single block {block} needs a next single block to cancel its massive channels."
+            )
+        module = _single_block_massive(pipe, block, gate, _MASSIVE_WEIGHT)
+        _single_block_massive(pipe, block + 1, gate, -_MASSIVE_WEIGHT)
+        _head_ignores_massive_channels(pipe)
+        return module
+
+    return inject
+
+
+def _double_block_ff_residual(pipe: FluxFillPipeline, block: int) -> str:
+    """Massive image feed-forward output: diffusers does not clip the double block's image stream.
+
+    Single blocks cannot tell image tokens from text tokens, so the block's text feed-forward adds the
+    same constant to the text stream (after the image one: ``ff.net.2`` stays the first to overflow),
+    and single block 0 removes it from every token.
+    """
+    layer, dim = pipe.transformer.transformer_blocks[block], pipe.transformer.inner_dim
+    # AdaLayerNormZero chunks into (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
+    for feed_forward, norm in ((layer.ff, layer.norm1), (layer.ff_context, layer.norm1_context)):
+        _massive_activation(
+            feed_forward.net[0].proj, feed_forward.net[2], 0, norm.linear, 5 * dim, _RESIDUAL_GATE
+        )
+    _single_block_massive(pipe, 0, _RESIDUAL_GATE, -_MASSIVE_WEIGHT)
+    _head_ignores_massive_channels(pipe)
+    return f"transformer.transformer_blocks.{block}.ff.net.2"
+
+
+# Kept apart from INJECTION_SITES: not every site here makes float16 non-finite.
+RESIDUAL_SITES: dict[str, Callable[[FluxFillPipeline, int], str]] = {
+    "single_block_proj_out": _single_block_residual(_CONTAINED_GATE),
+    "single_block_residual": _single_block_residual(_RESIDUAL_GATE),
+    "double_block_ff_residual": _double_block_ff_residual,
+}
+# Residual sites that plain float16 clips at +-65504: finite images from a wrong residual stream, no NaN.
+# The cancelling block turns the clipped 65504 into -65504 (its own gated sum overflows and is clipped
+# too), where float32 has the stream's normal value: that channel then dominates every later per-token
+# LayerNorm, and the float16 image is far worse than bfloat16's against float32.
+SILENTLY_CLIPPED_SITES: tuple[str, ...] = ("single_block_proj_out", "single_block_residual")
+
+
 def inject_overflow(pipe: FluxFillPipeline, site: str, block: int = 0) -> str:
     """Make ``pipe`` overflow float16 at ``site``, in place; returns the module that overflows first.
 
     Call it on float32 weights, before casting or saving: the injected model is the reference,
-    finite in float32 and bfloat16, non-finite in float16.
+    finite in float32 and bfloat16. In float16 it is non-finite, except at the
+    ``SILENTLY_CLIPPED_SITES``, where diffusers' clipping keeps it finite and wrong.
     """
-    if site not in INJECTION_SITES:
-        raise ValueError(f"Unknown injection site {site!r}; known sites: {', '.join(INJECTION_SITES)}.")
-    return INJECTION_SITES[site](pipe, block)
+    sites = {**INJECTION_SITES, **RESIDUAL_SITES}
+    if site not in sites:
+        raise ValueError(
+            f"Unknown injection site {site!r}; known sites: {', '.join(INJECTION_SITES)};"
+            f" residual-stream sites: {', '.join(RESIDUAL_SITES)}."
+        )
+    return sites[site](pipe, block)
 
 
 def save_tiny_pipeline(
