@@ -150,7 +150,8 @@ def float32_call(module: nn.Module, args: tuple, kwargs: dict, budget: int | Non
     handles = []
     try:
         for plan in plans:
-            handles.append(plan.module.register_forward_pre_hook(plan.enter))
+            # First in line, so hooks already there (a fix's dtype adapters) see the float32 weights.
+            handles.append(plan.module.register_forward_pre_hook(plan.enter, prepend=True))
             handles.append(plan.module.register_forward_hook(plan.leave, always_call=True))
         return module(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
     finally:

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
-from .locate import Location, locate_first_non_finite
+from .locate import Location, locate_first_overflow
 from .measure import Captured, Measurement, capturing, measure
 from .options import GuardOptions
 from .plan import PlanEntry, PrecisionPlan
@@ -44,14 +44,16 @@ from .plugins import plugin_manager, registered_strategies
 from .recovery import Declined, Fix, RecoveryStrategy
 from .report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 from .state import StructureSnapshot
+from .stream import StreamWatch, stage_verdict
 
 # Under diffusers' logger, so diffusers.utils.logging.set_verbosity_*() and its handlers apply.
 logger = logging.get_logger(f"diffusers.{__name__}")
 
 # Incidents one stage call may raise before the guard gives up on it (each is a new module).
 MAX_INCIDENTS_PER_CALL = 8
-# Strategies tried per incident at most; each failed try costs one recompute of the stage.
-MAX_ATTEMPTS_PER_INCIDENT = 4
+# Strategies tried per incident at most (the default order has five; a strategy that declines
+# costs nothing, each other failed try one recompute of the stage).
+MAX_ATTEMPTS_PER_INCIDENT = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Guard:
         self._step = 0
         self._recovering = False
         self._in_force: dict[int, FixInForce] = {}  # cost and fidelity of each held fix, by id
+        self._watches: dict[int, tuple[nn.Module, StreamWatch]] = {}
         components = [module for module in pipeline.components.values() if isinstance(module, nn.Module)]
         self._budget_bytes = self.options.budget_bytes(tensor_bytes(components))
 
@@ -205,11 +208,13 @@ class Guard:
         self._report = GuardReport()
         self._fixes_this_call = []
         self._step = 0
-        handles = [
-            module.register_forward_hook(self._stage_hook(stage), with_kwargs=True)
-            for stage in STAGES
-            if (module := _resolve(self._pipeline, stage.component)) is not None
-        ]
+        handles = []
+        for stage in STAGES:
+            module = _resolve(self._pipeline, stage.component)
+            if module is not None:
+                watch = self._stream_watch(module)
+                handles += watch.install()
+                handles.append(module.register_forward_hook(self._stage_hook(stage, watch), with_kwargs=True))
         try:
             yield self._report
         except BaseException:
@@ -245,15 +250,22 @@ class Guard:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _stage_hook(self, stage: Stage) -> Callable[..., Any]:
+    def _stream_watch(self, component: nn.Module) -> StreamWatch:
+        """The block watch of ``component``, found once per component object."""
+        held = self._watches.get(id(component))
+        if held is None or held[0] is not component:
+            held = self._watches[id(component)] = (component, StreamWatch(component))
+        return held[1]
+
+    def _stage_hook(self, stage: Stage, watch: StreamWatch) -> Callable[..., Any]:
         def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if self._recovering:
                 return None
             step = self._step if stage.counts_steps else None
             self._step += stage.counts_steps
-            if math.isfinite(host_absmax(output)):
+            if stage_verdict(output, watch.take()) is None:
                 return None
-            return self._recover(_StageCall(stage, step, module, args, kwargs, _shape_of(output)))
+            return self._recover(_StageCall(stage, step, module, args, kwargs, _shape_of(output), watch))
 
         return after_forward
 
@@ -264,7 +276,9 @@ class Guard:
         try:
             location: Location | None = self._locate(call)
             for _ in range(MAX_INCIDENTS_PER_CALL):
-                incident = Incident(call.stage.name, call.step, location.module_name, location.absmax)
+                incident = Incident(
+                    call.stage.name, call.step, location.module_name, location.absmax, kind=location.kind
+                )
                 self._report.incidents.append(incident)
                 output, location = self._settle(incident, location, call)
                 if location is None:
@@ -278,10 +292,13 @@ class Guard:
                 self._settled(incident)
 
     def _locate(self, call: _StageCall) -> Location:
-        location = locate_first_non_finite(call.module, call.stage.component, call.args, call.kwargs)
+        location = locate_first_overflow(
+            call.module, call.stage.component, call.args, call.kwargs, call.watch.blocks
+        )
+        call.watch.take()  # what the aborted re-run's blocks saw is not a stage verdict
         if location is None:
             raise self._failure(
-                f"{call.stage.component} produced a non-finite {call.stage.name} but a diagnostic re-run did "
+                f"{call.stage.component} overflowed in {call.stage.name} but a diagnostic re-run did "
                 "not reproduce it (non-deterministic kernels?)."
             )
         return dataclasses.replace(location, memory_budget=self._budget_left())
@@ -338,6 +355,7 @@ class Guard:
             detail = f"it adds {attempt.extra_bytes} bytes; {location.memory_budget} are left in the budget"
             self._reject(fix, attempt, snapshot, "over budget", detail)
             return None
+        call.watch.take()  # block peaks from the strategy's own trial runs are not the recompute's
         with capturing(location.calls) as captured:
             try:
                 output = call.module(*call.args, **call.kwargs)
@@ -347,7 +365,7 @@ class Guard:
         if _shape_of(output) != call.output_shape:
             self._reject(fix, attempt, snapshot, "invalid", "the fix changed the output's shape or dtype")
             return None
-        following = None if math.isfinite(host_absmax(output)) else self._locate(call)
+        following = None if stage_verdict(output, call.watch.take()) is None else self._locate(call)
         if following is not None and _overflows_within(following, location, fix):
             self._reject(fix, attempt, snapshot, "not held", f"{following.module_name} is still non-finite")
             return None
@@ -527,6 +545,7 @@ class _StageCall:
     args: tuple
     kwargs: dict
     output_shape: tuple[Any, list[Any]]
+    watch: StreamWatch
 
 
 def _overflows_within(following: Location, location: Location, fix: Fix) -> bool:

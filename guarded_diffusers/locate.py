@@ -1,7 +1,8 @@
-"""Find the first module whose output went non-finite: a diagnostic re-run with per-module hooks.
+"""Find the first module whose output overflowed: a diagnostic re-run with per-module hooks.
 
 The hooks exist only for the duration of one re-run of the failing component with the very
-inputs it got. The re-run stops at the first non-finite module output, so a diagnosis costs
+inputs it got. The re-run stops at the first module output that is non-finite (or saturated,
+for a layer or a residual-stream block: see ``stream.py``), so a diagnosis costs
 at most one forward, and it returns the chain of enclosing calls with their inputs so that a
 strategy can re-run any of them in isolation.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from .casting import cast_floating, float32_call
 from .checks import floating_tensors, host_absmax
+from .stream import overflow_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Location:
 
     calls: tuple[ModuleCall, ...]
     absmax: float | None
+    # "non-finite" (inf or NaN) or "saturated" (finite, at the dtype's maximum, where libraries clip).
+    kind: str = "non-finite"
     # Bytes a fix may still add within the guard's memory budget (``None``: no limit). Strategies
     # that trade memory for fidelity consult it, so they decline instead of making a fix over it.
     memory_budget: int | None = None
@@ -65,7 +69,7 @@ class Location:
 
 
 class _FirstNonFinite(Exception):
-    """Stops the diagnostic forward at the first non-finite module output."""
+    """Stops the diagnostic forward at the first overflowing module output."""
 
 
 def _detached_copy(tree: Any) -> Any:
@@ -85,16 +89,18 @@ def float32_absmax(call: ModuleCall) -> float:
     return host_absmax(float32_output(call))
 
 
-def locate_first_non_finite(
-    component: nn.Module, component_name: str, args: tuple, kwargs: dict
+def locate_first_overflow(
+    component: nn.Module, component_name: str, args: tuple, kwargs: dict, blocks: Collection[nn.Module] = ()
 ) -> Location | None:
-    """Re-run ``component(*args, **kwargs)`` with hooks; ``None`` if the re-run stays finite."""
+    """Re-run ``component(*args, **kwargs)`` with hooks; stop at the first module whose output is
+    non-finite, or saturated for a layer or one of ``blocks``; ``None`` if nothing overflows."""
     names = {
         module: f"{component_name}.{name}" if name else component_name
         for name, module in component.named_modules()
     }
     active: list[ModuleCall] = []
     found: list[ModuleCall] = []
+    kinds: list[str] = []
     calls_so_far: dict[nn.Module, int] = {}
 
     def enter(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
@@ -108,8 +114,10 @@ def locate_first_non_finite(
 
     def leave(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:
         call = active.pop()
-        if not math.isfinite(host_absmax(output)):
+        kind = overflow_kind(module, output, blocks)
+        if kind is not None:
             found.extend([call, *reversed(active)])
+            kinds.append(kind)
             raise _FirstNonFinite
 
     handles = []
@@ -126,4 +134,4 @@ def locate_first_non_finite(
         return None
     first = found[0]
     absmax = float32_absmax(first) if first.module is not component else None
-    return Location(calls=tuple(found), absmax=absmax)
+    return Location(calls=tuple(found), absmax=absmax, kind=kinds[0])

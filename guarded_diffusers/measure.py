@@ -3,8 +3,9 @@
 While the guard recomputes a stage with a fix in place, ``capturing`` records the inputs and
 the output of every call on the located chain (from the overflowing module out to the
 component), exactly as the model computed them, fix included. Then, with the fix lifted,
-``measure`` runs the smallest recorded call that encloses every module the fix changed in
-float32 on those very inputs, and compares: relative L2 of the working-dtype output against the
+``measure`` runs the smallest recorded call that encloses every module the fix changed (and
+more than a changed leaf layer: a layer's output matters through its consumer) in float32 on
+those very inputs, and compares: relative L2 of the working-dtype output against the
 float32 one. A call whose float32 output does not fit the working dtype cannot be matched by
 any fix and is passed over for its caller. A call too large to convert at once within the memory
 budget is computed piecewise (``casting.float32_call``). A fix that cannot be measured is
@@ -106,6 +107,8 @@ def measure(
     for call in calls:
         if not all(encloses(call.name, name) for name in changed):
             continue
+        if call.name in changed and next(call.module.children(), None) is None:
+            continue  # a changed layer matters through what consumes it: measure its caller
         recorded, output = captured.calls.get(call.name), captured.outputs.get(call.name)
         if recorded is None or output is None:
             continue

@@ -16,18 +16,19 @@ import pluggy
 
 from . import hookspecs
 from .recovery import RecoveryStrategy
-from .strategies import clamp, guidance, rescale, upcast
+from .strategies import clamp, guidance, rescale, residual, upcast
 
 ENTRY_POINT_GROUP = "guarded_diffusers"
 DISABLE_AUTOLOAD_ENV = "GUARDED_DIFFUSERS_DISABLE_PLUGIN_AUTOLOAD"
 
 # The targeted fix first (it declines anything but its own case, at no cost); then best fidelity
 # first: a float32 island reaches float32's accuracy, a power-of-two shift keeps float16 weights
-# at the cost of an approximation where the path is not homogeneous, and a clamp changes the
-# values it saturates.
-DEFAULT_STRATEGIES: tuple[str, ...] = ("guidance", "upcast", "rescale", "clamp")
+# at the cost of an approximation where the path is not homogeneous, a float32 residual stream
+# fixes what no region can (the stream itself out of range), and a clamp changes the values it
+# saturates.
+DEFAULT_STRATEGIES: tuple[str, ...] = ("guidance", "upcast", "rescale", "residual", "clamp")
 
-_BUILTIN_PLUGINS = (guidance, upcast, rescale, clamp)
+_BUILTIN_PLUGINS = (guidance, upcast, rescale, residual, clamp)
 
 
 @functools.cache

@@ -60,9 +60,11 @@ class DegradedFixWarning(UserWarning):
 class Incident:
     """One non-finite stage output and what was done about it.
 
-    ``module`` is the first module whose output went non-finite, qualified from the pipeline
+    ``module`` is the first module whose output overflowed, qualified from the pipeline
     component (``transformer.single_transformer_blocks.1.proj_mlp``); ``absmax`` is the
     largest magnitude its output reaches in float32 (``None`` where it was not measured);
+    ``kind`` is ``"non-finite"`` (inf or NaN) or ``"saturated"`` (finite, but at the dtype's
+    maximum, where diffusers and transformers clip the residual stream: silently wrong);
     ``fixed_module`` is the region the strategy changed, which may enclose ``module``;
     ``error`` is the relative L2 error against float32 of ``measured_module``'s output with the
     fix, on the inputs it had; ``recovered`` means finite *and* within the guard's tolerance;
@@ -75,6 +77,7 @@ class Incident:
     step: int | None
     module: str | None
     absmax: float | None = None
+    kind: str = "non-finite"
     strategy: str | None = None
     fixed_module: str | None = None
     recovered: bool = False
@@ -103,7 +106,8 @@ class Incident:
             outcome = f"DEGRADED: {self.strategy} on {self.fixed_module} is finite but {self.detail}"
         else:
             outcome = f"not recovered: {self.detail}" if self.detail else "not recovered"
-        return f"non-finite output at {where} in {self.module}{peak}; {outcome}"
+        what = "saturated (clipped at the dtype's maximum)" if self.kind == "saturated" else "non-finite"
+        return f"{what} output at {where} in {self.module}{peak}; {outcome}"
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from torch import nn
 
 from guarded_diffusers.casting import Float32Island
 from guarded_diffusers.checks import absmax_on_device, host_absmax
-from guarded_diffusers.locate import locate_first_non_finite
+from guarded_diffusers.locate import locate_first_overflow
 from guarded_diffusers.strategies.upcast import UpcastStrategy
 
 
@@ -72,7 +72,7 @@ def test_locate_names_the_first_overflowing_module_and_its_enclosing_calls():
     x = torch.randn(16, 8, dtype=torch.float16) * 8
     assert not math.isfinite(host_absmax(model(x)))
 
-    location = locate_first_non_finite(model, "model", (x,), {})
+    location = locate_first_overflow(model, "model", (x,), {})
 
     assert location.module_name == "model.1.up"
     assert [call.name for call in location.calls] == ["model.1.up", "model.1", "model"]
@@ -82,13 +82,13 @@ def test_locate_names_the_first_overflowing_module_and_its_enclosing_calls():
 
 def test_locate_returns_none_when_the_rerun_is_finite():
     model = _overflowing_model()
-    assert locate_first_non_finite(model, "model", (torch.zeros(1, 8, dtype=torch.float16),), {}) is None
+    assert locate_first_overflow(model, "model", (torch.zeros(1, 8, dtype=torch.float16),), {}) is None
 
 
 def test_upcast_picks_the_smallest_enclosing_module_that_fits():
     model = _overflowing_model()
     x = torch.randn(16, 8, dtype=torch.float16) * 8
-    location = locate_first_non_finite(model, "model", (x,), {})
+    location = locate_first_overflow(model, "model", (x,), {})
 
     fix = UpcastStrategy().recover(location)
 

@@ -107,7 +107,7 @@ UPCAST_OTHER_BLOCK = {**UPCAST_BLOCK, "module": "transformer.single_transformer_
                 }
             ),
             r"fix 0 \(transformer\.single_transformer_blocks\.0\), `strategy`: unknown strategy 'magic'; "
-            r"known: clamp, (.+, )?rescale, upcast",
+            r"known: clamp, (.+, )?upcast",
         ),
     ],
 )

@@ -3,6 +3,7 @@
 from .clamp import ClampStrategy
 from .guidance import GuidanceStrategy
 from .rescale import RescaleStrategy
+from .residual import ResidualStrategy
 from .upcast import UpcastStrategy
 
-__all__ = ["ClampStrategy", "GuidanceStrategy", "RescaleStrategy", "UpcastStrategy"]
+__all__ = ["ClampStrategy", "GuidanceStrategy", "RescaleStrategy", "ResidualStrategy", "UpcastStrategy"]

@@ -1,0 +1,146 @@
+"""Residual: the overflowing layer hands on a float32 result, and the residual stream carries it.
+
+Real checkpoints overflow float16 through massive activations: a few channels of a layer's
+output pass 65504 and the residual stream adds them up and passes them on, block after block,
+until a normalisation divides them away. No region "fits back" into float16 there: the stream
+itself is out of range, so a float32 island would have to take the whole component.
+
+This fix keeps every weight in float16. The producing layer computes on its input scaled down by
+``2**k`` (exact) and its output is scaled back up in float32, so its result is float32 at the cost
+of one more float16 matmul of that one layer. PyTorch's type promotion then carries the residual
+stream in float32 (``residual + x``), diffusers skips its float16-only clip, and a normalisation
+brings values back to a normal range.
+Every other Linear or convolution of the component casts a float32 input to its own weight dtype,
+so the matmuls stay float16 on normalised inputs. Where a layer reads the stream before any
+normalisation, that cast overflows, the guard sees it at once ("not held") and the next strategy
+tries. Parameter memory does not change; ``revert()`` removes the hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..hookspecs import hookimpl
+from ..locate import Location
+from ..recovery import Declined, ModuleLookup
+from .upcast import FIT_HEADROOM
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The scaled-down result must fit the layer's dtype with this much room for later inputs.
+_SCALE_HEADROOM = 2.0 * FIT_HEADROOM
+
+
+@dataclasses.dataclass(eq=False)
+class ResidualFix:
+    """``module_name`` returns float32 (input scaled by ``2**-exponent``); the component adapts dtypes."""
+
+    module_name: str
+    exponent: int
+    handles: list[RemovableHandle]
+    strategy: str = "residual"
+
+    def revert(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"exponent": self.exponent}
+
+
+def _cast_to_weight_dtype(layer: nn.Module, args: tuple) -> tuple | None:
+    """A float32 stream reaching a float16 layer: hand it the layer's dtype, as the model expects."""
+    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        return None
+    weight = getattr(layer, "weight", None)
+    if (
+        not isinstance(weight, torch.Tensor)
+        or not weight.is_floating_point()
+        or weight.dtype == args[0].dtype
+    ):
+        return None
+    return (args[0].to(weight.dtype), *args[1:])
+
+
+def _scaled_float32(layer: nn.Module, x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``layer(x)`` in float32: the matmul in the layer's dtype on ``x * 2**-exponent`` (exact), then
+    scaled back up and the bias added in float32."""
+    scaled = x * 2.0**-exponent
+    if isinstance(layer, nn.Linear):
+        output = F.linear(scaled, layer.weight).float()
+    else:
+        output = layer._conv_forward(scaled, layer.weight, None).float()
+    output = output * 2.0**exponent
+    if layer.bias is None:
+        return output
+    shape = [1] * output.dim()
+    shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
+    return output + layer.bias.float().view(shape)
+
+
+def _install(component: nn.Module, producer: nn.Module, module_name: str, exponent: int) -> ResidualFix:
+    def float32_output(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Recomputed from the layer's own input (one more matmul of this one layer), so whoever
+        # watches the layer sees its true input and a float32 output.
+        return _scaled_float32(layer, args[0], exponent)
+
+    handles = [producer.register_forward_hook(float32_output)]
+    handles += [
+        layer.register_forward_pre_hook(_cast_to_weight_dtype)
+        for layer in component.modules()
+        if isinstance(layer, _LAYERS) and layer is not producer
+    ]
+    return ResidualFix(module_name, exponent, handles)
+
+
+def _exponent(absmax: float, dtype: torch.dtype) -> int:
+    """The smallest power of two that brings ``absmax`` under ``dtype``'s maximum with headroom."""
+    return max(1, math.ceil(math.log2(absmax * _SCALE_HEADROOM / torch.finfo(dtype).max)))
+
+
+class ResidualStrategy:
+    """Carries an overflowing layer's result, and the residual stream after it, in float32."""
+
+    name = "residual"
+
+    def recover(self, location: Location) -> ResidualFix | None:
+        producer = location.calls[0]
+        weight = getattr(producer.module, "weight", None)
+        if not isinstance(producer.module, _LAYERS) or not isinstance(weight, torch.Tensor):
+            return None
+        if not weight.is_floating_point() or torch.finfo(weight.dtype).bits >= 32:
+            raise Declined(f"{producer.name} already computes in {weight.dtype}")
+        if location.absmax is None or not math.isfinite(location.absmax):
+            raise Declined(f"{producer.name} is non-finite in float32 too: not a range overflow")
+        component = location.calls[-1]
+        exponent = _exponent(location.absmax, weight.dtype)
+        return _install(component.module, producer.module, producer.name, exponent)
+
+    def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> ResidualFix:
+        producer = modules(module_name)
+        weight = getattr(producer, "weight", None)
+        if not isinstance(producer, _LAYERS) or not isinstance(weight, torch.Tensor):
+            raise ValueError(
+                f"residual changes a Linear or convolution; {module_name} is {type(producer).__name__}."
+            )
+        largest = math.floor(math.log2(torch.finfo(weight.dtype).max)) if weight.is_floating_point() else 0
+        exponent = params.get("exponent")
+        if isinstance(exponent, bool) or not isinstance(exponent, int) or not 1 <= exponent <= largest:
+            raise ValueError(
+                f"residual needs an integer `exponent` in 1..{largest} for {weight.dtype}, got {exponent!r}."
+            )
+        component = modules(module_name.split(".", 1)[0])
+        return _install(component, producer, module_name, exponent)
+
+
+@hookimpl
+def register_strategies(register: Any) -> None:
+    register(ResidualStrategy())
