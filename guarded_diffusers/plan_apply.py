@@ -16,8 +16,11 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from .casting import tensor_bytes
+from .ledger import FixLedger
 from .plan import PlanEntry, PrecisionPlan, plan_error
 from .recovery import Fix, ModuleLookup, PlanValidator, RecoveryStrategy
+from .report import FixInForce
 from .state import StructureSnapshot, ValueSnapshot
 
 PlanSource = PrecisionPlan | str | os.PathLike[str]
@@ -152,3 +155,45 @@ class Rollback:
         for structure in self.structures:
             structure.restore()
         self.values.restore()
+
+
+def apply_entries(
+    plan: PrecisionPlan,
+    pending: list[PendingEntry],
+    components: list[nn.Module],
+    lookup: ModuleLookup,
+    ledger: FixLedger,
+) -> None:
+    """Apply checked entries all or nothing, within what the memory budget has left."""
+    rollback = Rollback(components, [m for item in pending for m in touched_modules(item.entry, lookup)])
+    applied: list[tuple[Fix, FixInForce]] = []
+    budget = ledger.budget_left()
+    try:
+        for item in pending:
+            before = tensor_bytes(components)
+            fix = _apply_entry(plan, item, lookup)
+            added = tensor_bytes(components) - before
+            applied.append((fix, FixInForce(item.entry.strategy, item.entry.module, added)))
+            total = sum(cost.extra_bytes for _, cost in applied)
+            if total > budget:
+                problem = f"the plan's fixes add {total} bytes; {budget} are left (guard_max_extra_memory)"
+                raise misfit(plan, item.index, item.entry, "strategy", problem)
+    except BaseException:
+        rollback.restore([fix for fix, _ in applied])
+        raise
+    for fix, cost in applied:
+        ledger.fixes.append(fix)
+        ledger.record(fix, cost)
+
+
+def _apply_entry(plan: PrecisionPlan, item: PendingEntry, lookup: ModuleLookup) -> Fix:
+    """One checked entry's ``apply``; an error of its parameters becomes the plan's ``ValueError``."""
+    entry = item.entry
+    try:
+        fix = item.strategy.apply(entry.module, entry.params, lookup)
+    except PARAMETER_ERRORS as error:
+        problem = f"apply raised {type(error).__name__}: {error}"
+        raise misfit(plan, item.index, entry, "params", problem) from error
+    if not isinstance(fix, Fix):
+        raise misfit(plan, item.index, entry, "strategy", f"apply returned {type(fix).__name__}, not a Fix")
+    return fix

@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 
 from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
 from guarded_diffusers.casting import set_tensor_dtype
-from guarded_diffusers.guard import MAX_ATTEMPTS_PER_INCIDENT
+from guarded_diffusers.settle import MAX_ATTEMPTS_PER_INCIDENT
 from guarded_diffusers.strategies import UpcastStrategy
 
 SITE = "single_block_mlp"
@@ -82,8 +82,8 @@ class Faulty:
         ("not a fix", "invalid", "returned str, not a Fix"),
         ("wrong shape", "invalid", "changed the output's shape or dtype"),
         ("wrong dtype", "invalid", "changed the output's shape or dtype"),
-        ("no effect", "not held", "proj_mlp is still non-finite"),
-        ("leaky no effect", "not held", "still non-finite; removed a hook left on .*proj_mlp"),
+        ("no effect", "not held", "proj_mlp is still overflowing"),
+        ("leaky no effect", "not held", "still overflowing; removed a hook left on .*proj_mlp"),
     ],
 )
 def test_a_faulty_strategy_is_recorded_undone_and_the_next_one_recovers(saved_model, fault, outcome, detail):

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.hooks import RemovableHandle
 
 from ..casting import module_dtype
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..plan import check_keys, is_real
 from ..recovery import ModuleLookup
+from .hooks import HookFix
 
 # Saturate at this fraction of the dtype's maximum, leaving room for the residual additions
 # and products that follow the module.
@@ -41,16 +41,11 @@ def saturate(tree: Any, limit: float) -> Any:
 
 
 @dataclasses.dataclass(eq=False)
-class ClampFix:
+class ClampFix(HookFix):
     """A forward hook saturating ``module_name``'s output at ``+-limit``; ``revert()`` removes it."""
 
-    module_name: str
     limit: float
-    handle: RemovableHandle
     strategy: str = "clamp"
-
-    def revert(self) -> None:
-        self.handle.remove()
 
     def describe(self) -> dict[str, Any]:
         return {"limit": self.limit}
@@ -58,7 +53,7 @@ class ClampFix:
 
 def _clamp(module_name: str, module: nn.Module, limit: float) -> ClampFix:
     handle = module.register_forward_hook(lambda _module, _args, output: saturate(output, limit))
-    return ClampFix(module_name, limit, handle)
+    return ClampFix(module_name, [handle], limit)
 
 
 class ClampStrategy:

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import CombinedTimestepGuidanceTextProjEmbeddings
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..checks import host_absmax
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..recovery import ModuleLookup
+from .hooks import HookFix
 
 # What FluxTransformer2DModel.forward multiplies the timestep and the guidance by.
 EMBEDDING_SCALE = 1000.0
@@ -36,18 +36,11 @@ _SCALE_CHECK_RTOL = 2.0**-9
 
 
 @dataclasses.dataclass(eq=False)
-class GuidanceFix:
+class GuidanceFix(HookFix):
     """Hooks that feed ``module_name`` (a ``time_text_embed``) float32 timestep and guidance."""
 
-    module_name: str
     scale: float
-    handles: list[RemovableHandle]
     strategy: str = "guidance"
-
-    def revert(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
     def describe(self) -> dict[str, Any]:
         return {"scale": self.scale}
@@ -74,7 +67,7 @@ def _install(component: nn.Module, embedder: nn.Module, module_name: str, scale:
         component.register_forward_hook(forget, with_kwargs=True, always_call=True),
         embedder.register_forward_pre_hook(substitute),
     ]
-    return GuidanceFix(module_name, scale, handles)
+    return GuidanceFix(module_name, handles, scale)
 
 
 class GuidanceStrategy:

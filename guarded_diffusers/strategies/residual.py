@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..recovery import Declined, ModuleLookup
+from .hooks import HookFix
 from .upcast import FIT_HEADROOM
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -39,18 +39,11 @@ _SCALE_HEADROOM = 2.0 * FIT_HEADROOM
 
 
 @dataclasses.dataclass(eq=False)
-class ResidualFix:
+class ResidualFix(HookFix):
     """``module_name`` returns float32 (input scaled by ``2**-exponent``); the component adapts dtypes."""
 
-    module_name: str
     exponent: int
-    handles: list[RemovableHandle]
     strategy: str = "residual"
-
-    def revert(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
     def describe(self) -> dict[str, Any]:
         return {"exponent": self.exponent}
@@ -98,7 +91,7 @@ def _install(component: nn.Module, producer: nn.Module, module_name: str, expone
         for layer in component.modules()
         if isinstance(layer, _LAYERS) and layer is not producer
     ]
-    return ResidualFix(module_name, exponent, handles)
+    return ResidualFix(module_name, handles, exponent)
 
 
 def _exponent(absmax: float, dtype: torch.dtype) -> int:
