@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .cli_inputs import UsageError, non_negative, positive_int
+from .options import DEFAULT_MAX_EXTRA_MEMORY
 
 DTYPES = ("float16", "bfloat16", "float32")
 SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
@@ -40,7 +41,8 @@ SCAN_HELP = """\
 Record headroom per module in float32; mark the modules close to the dtype's limit; plan fixes.
 
 Writes DIR/report.json (modules sorted by headroom = log2(dtype max / absmax) of their output
-or input, those under the margin marked at risk), DIR/plan.json (float32 islands that fix them; use it with
+or input, those under the margin marked at risk; the residual stream's blocks and stream spans),
+DIR/plan.json (float32 islands within --max-extra-memory, else residual fixes; use it with
 guard_plan= or fill --plan), DIR/report.html (chart and tables, no network needed) and
 DIR/headroom.png. Samples come from pytest_fluxguard.strategies.fill_inputs, drawn the same
 way every time.
@@ -168,8 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SCALE",
         help=(
             "largest generated guidance (default: %(default)s, FluxFill's default); above 32.75 the "
-            "transformer's guidance x 1000 has under 1 bit of float16 headroom and the plan upcasts "
-            "the whole transformer"
+            "transformer's guidance x 1000 has under 1 bit of float16 headroom and the plan adds "
+            "the guidance fix"
+        ),
+    )
+    scan.add_argument(
+        "--max-extra-memory",
+        type=non_negative,
+        default=DEFAULT_MAX_EXTRA_MEMORY,
+        metavar="FRACTION",
+        help=(
+            "parameter bytes the plan's float32 islands may add, as a fraction of the pipeline's "
+            "(default: %(default)s, the guard's guard_max_extra_memory); past it the plan uses "
+            "residual, which adds none"
         ),
     )
     _common(scan, SCAN_DTYPES)

@@ -15,14 +15,22 @@ from .cli_inputs import UsageError, device, model_folder, output_folder
 from .demo import quiet
 from .headroom_report import write_report
 from .scan import HeadroomScan
-from .scan_plan import plan_from_scan
+from .scan_plan import ScanPlan, plan_scan
 from .scan_run import ScanRequest, SizeTooSmall, run_scan
 
 SHOWN_MODULES = 5
 
 
-def summary(scan: HeadroomScan, islands: list[str]) -> str:
-    """A few lines for the terminal: counts, the lowest headroom, and the plan's islands."""
+def _entry_text(strategy: str, module: str, params: dict) -> str:
+    if strategy == "upcast":
+        return f"float32 island on {module}"
+    if strategy == "residual":
+        return f"residual on {module} (exponent {params['exponent']})"
+    return f"{strategy} on {module}"
+
+
+def summary(scan: HeadroomScan, planned: ScanPlan) -> str:
+    """A few lines for the terminal: counts, the lowest headroom, stream spans and the plan."""
     lines = [
         f"{scan.samples} sample(s), {len(scan.modules)} modules recorded in float32; "
         f"{len(scan.at_risk)} at risk in {scan.dtype} (headroom under {scan.margin_bits:g} bit)",
@@ -36,8 +44,27 @@ def summary(scan: HeadroomScan, islands: list[str]) -> str:
             else ("output", module.absmax)
         )
         lines.append(f"  {module.lowest_bits:7.2f}  {module.module} ({side} absmax {peak:.4g}){mark}")
-    lines.append("plan: " + (", ".join(f"float32 island on {name}" for name in islands) or "nothing to fix"))
+    for span in scan.spans:
+        extent = span.blocks[0] if len(span.blocks) == 1 else f"{span.blocks[0]} .. {span.blocks[-1]}"
+        lines.append(
+            f"stream span: {extent} (stream absmax {span.absmax:.4g}, {span.headroom_bits:.2f} bits)  AT RISK"
+        )
+    entries = [_entry_text(fix.entry.strategy, fix.entry.module, fix.entry.params) for fix in planned.fixes]
+    lines.append("plan: " + (", ".join(entries) or "nothing to fix"))
+    if planned.fixes:
+        budget = f" of {planned.budget_bytes}" if planned.budget_bytes is not None else ""
+        lines.append(f"plan adds {planned.extra_bytes}{budget} parameter bytes")
+    for item in planned.unplanned:
+        lines.append(f"not planned: {item.module}: {item.reason}")
     return "\n".join(lines)
+
+
+def _fraction(value: float) -> float:
+    if value > 1:
+        raise UsageError(
+            f"--max-extra-memory {value:g}: expected a fraction of the pipeline's parameter bytes, 0 to 1"
+        )
+    return value
 
 
 def run_scan_command(args: argparse.Namespace) -> int:
@@ -52,6 +79,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
         max_guidance=args.max_guidance,
         device=device(args.device),
+        max_extra_memory=_fraction(args.max_extra_memory),
     )
     folder = output_folder(args.out)
     quiet()
@@ -62,9 +90,9 @@ def run_scan_command(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if scan is None:
         return 0
-    plan = plan_from_scan(scan)
-    paths = write_report(scan, plan, folder)
-    print(summary(scan, [entry.module for entry in plan.entries]))
+    planned = plan_scan(scan)
+    paths = write_report(scan, planned, folder)
+    print(summary(scan, planned))
     seconds, processes = time.perf_counter() - started, PartialState().num_processes
     print(f"scanned in {seconds:.1f} s on {processes} process(es); wrote {', '.join(map(str, paths))}")
     return 0

@@ -3,6 +3,8 @@
 A block is a numbered layer (``transformer.single_transformer_blocks.3``, ``vae.decoder.up_blocks.0``)
 or, for modules outside any numbered layer, the component's direct child (``transformer.x_embedder``).
 A block's headroom is its lowest module's, so one bar tells whether anything inside is at risk.
+The rows of a stream span (consecutive blocks whose residual stream is at risk) are shaded, and a
+black tick marks the headroom of the stream each of them passes on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ GAP = 10
 RIGHT = 70
 AT_RISK = "#c62828"
 SAFE = "#2e7d8f"
+SPAN = "#fde0e0"
+TICK_OVERHANG = 3
 SVG_CHAR_WIDTH = 7.2  # 12 px monospace
 
 
@@ -34,6 +38,8 @@ class Bar:
     block: str
     headroom_bits: float
     at_risk: bool
+    stream_bits: float | None = None  # the stream's headroom, for a residual-stream block
+    in_span: bool = False
 
     @property
     def value_text(self) -> str:
@@ -57,11 +63,19 @@ def _natural_key(name: str) -> tuple:
 
 def block_bars(scan: HeadroomScan) -> list[Bar]:
     """One bar per block, in component order then natural name order."""
+    streams = {block.block: block.headroom_bits for block in scan.stream}
+    spans = {block for span in scan.spans for block in span.blocks}
     lowest: dict[str, Bar] = {}
     for module in scan.modules:  # sorted by lowest headroom, so a block's first module is its lowest
         block = block_of(module.module)
-        lowest.setdefault(block, Bar(block, module.lowest_bits, module.at_risk))
+        if block not in lowest:
+            lowest[block] = Bar(block, module.lowest_bits, module.at_risk, streams.get(block), block in spans)
     return [lowest[block] for block in sorted(lowest, key=_natural_key)]
+
+
+def caption(scan: HeadroomScan) -> str:
+    text = f"headroom in bits: log2({scan.dtype} max / absmax)"
+    return text + ("; shaded: stream span; tick: stream" if scan.spans else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +141,13 @@ def svg_chart(scan: HeadroomScan) -> str:
             f'<text x="{x:.1f}" y="{layout.height - BOTTOM + 16}" text-anchor="middle">{tick}</text>'
         )
     for index, bar in enumerate(bars):
+        if bar.in_span:
+            parts.append(
+                f'<rect x="{layout.plot_left:.1f}" y="{TOP + ROW_HEIGHT * index}" width="{PLOT_WIDTH}" '
+                f'height="{ROW_HEIGHT}" fill="{SPAN}">'
+                f"<title>{html.escape(bar.block)}: stream span</title></rect>"
+            )
+    for index, bar in enumerate(bars):
         start, end = sorted((layout.x(0.0), layout.x(bar.headroom_bits)))
         top = layout.row_top(index)
         colour = AT_RISK if bar.at_risk else SAFE
@@ -139,6 +160,13 @@ def svg_chart(scan: HeadroomScan) -> str:
             f'fill="{colour}"><title>{html.escape(bar.block)}: {bar.value_text} bits</title></rect>'
         )
         parts.append(f'<text x="{end + 4:.1f}" y="{top + BAR_HEIGHT - 4:.1f}">{bar.value_text}</text>')
+        if bar.in_span and bar.stream_bits is not None and math.isfinite(bar.stream_bits):
+            x = layout.x(bar.stream_bits)
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{top - TICK_OVERHANG:.1f}" x2="{x:.1f}" '
+                f'y2="{top + BAR_HEIGHT + TICK_OVERHANG:.1f}" stroke="#000" stroke-width="2">'
+                f"<title>{html.escape(bar.block)}: stream {bar.stream_bits:+.2f} bits</title></line>"
+            )
     for bits, label, anchor in layout.guides(scan.dtype):
         x = layout.x(bits)
         parts.append(
@@ -151,7 +179,7 @@ def svg_chart(scan: HeadroomScan) -> str:
         )
     parts.append(
         f'<text x="{layout.plot_left + PLOT_WIDTH / 2:.1f}" y="{layout.height - 2}" text-anchor="middle">'
-        f"headroom in bits: log2({scan.dtype} max / absmax)</text></svg>"
+        f"{html.escape(caption(scan))}</text></svg>"
     )
     return "\n".join(parts)
 
@@ -166,6 +194,12 @@ def png_chart(scan: HeadroomScan) -> Image.Image:
     )
     image = Image.new("RGB", (layout.width, layout.height), "white")
     draw = ImageDraw.Draw(image)
+    for index, bar in enumerate(bars):
+        if bar.in_span:
+            row = TOP + ROW_HEIGHT * index
+            draw.rectangle(
+                [(layout.plot_left, row), (layout.plot_left + PLOT_WIDTH, row + ROW_HEIGHT)], fill=SPAN
+            )
     for tick in layout.ticks():
         x = layout.x(tick)
         draw.line([(x, TOP - 4), (x, layout.height - BOTTOM)], fill="#dddddd")
@@ -179,14 +213,22 @@ def png_chart(scan: HeadroomScan) -> Image.Image:
             [(start, top), (max(end, start + 1), top + BAR_HEIGHT)], fill=AT_RISK if bar.at_risk else SAFE
         )
         draw.text((end + 4, middle), bar.value_text, fill="black", font=font, anchor="lm")
+        if bar.in_span and bar.stream_bits is not None and math.isfinite(bar.stream_bits):
+            x = layout.x(bar.stream_bits)
+            draw.line(
+                [(x, top - TICK_OVERHANG), (x, top + BAR_HEIGHT + TICK_OVERHANG)], fill="black", width=2
+            )
     for bits, label, anchor in layout.guides(scan.dtype):
         x = layout.x(bits)
         for y in range(TOP - 16, layout.height - BOTTOM, 7):
             draw.line([(x, y), (x, min(y + 4, layout.height - BOTTOM))], fill="black")
         shift, side = (-3, "rs") if anchor == "end" else (3, "ls")
         draw.text((x + shift, TOP - 6), label, fill="black", font=font, anchor=side)
-    caption = f"headroom in bits: log2({scan.dtype} max / absmax)"
     draw.text(
-        (layout.plot_left + PLOT_WIDTH / 2, layout.height - 8), caption, fill="black", font=font, anchor="mm"
+        (layout.plot_left + PLOT_WIDTH / 2, layout.height - 8),
+        caption(scan),
+        fill="black",
+        font=font,
+        anchor="mm",
     )
     return image

@@ -3,6 +3,9 @@
 report.json holds only what follows from the model, the arguments and the samples (no time, no
 host, no process count), so a scan split across processes writes the same bytes as a scan on
 one process. The HTML page needs no script and no network: the chart is inline SVG.
+
+report.json's ``plan`` section says why each plan entry was chosen (``covers``, ``extra_bytes``,
+``reason``) and lists the at-risk modules no entry fixes within the budget (``unplanned``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import math
 from pathlib import Path
 
 from .headroom_chart import png_chart, svg_chart
-from .plan import PrecisionPlan
 from .scan import HeadroomScan, ModuleHeadroom
+from .scan_plan import ScanPlan
 
 REPORT_FILES = ("report.json", "plan.json", "report.html", "headroom.png")
 COLUMNS = (
@@ -34,12 +37,13 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 tr.at-risk td { color: #c62828; font-weight: 600; }
+tr.in-span td { background: #fde0e0; }
 code, td.name { font-family: monospace; }
 """
 
 
-def report_json(scan: HeadroomScan) -> str:
-    return json.dumps(scan.to_dict(), indent=2, allow_nan=False) + "\n"
+def report_json(scan: HeadroomScan, planned: ScanPlan) -> str:
+    return json.dumps({**scan.to_dict(), "plan": planned.to_dict()}, indent=2, allow_nan=False) + "\n"
 
 
 def _bits(value: float) -> str:
@@ -66,26 +70,100 @@ def _module_rows(modules: tuple[ModuleHeadroom, ...]) -> str:
     return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
 
 
-def _plan_section(plan: PrecisionPlan) -> str:
-    if not plan.entries:
-        return "<p>Nothing is at risk, so the plan is empty.</p>"
+def _stream_rows(scan: HeadroomScan) -> str:
+    spans = {block for span in scan.spans for block in span.blocks}
+    header = "".join(
+        f"<th>{title}</th>"
+        for title in ("block", "stream", "class", "stream absmax", "headroom (bits)", "calls", "")
+    )
+    rows = []
+    for block in scan.stream:
+        marks = ("in a stream span" if block.block in spans else "") + (
+            f"; past {scan.dtype}'s clipping band" if block.saturated else ""
+        )
+        rows.append(
+            f'<tr class="{"at-risk in-span" if block.block in spans else "fits"}">'
+            f'<td class="name">{html.escape(block.block)}</td>'
+            f'<td class="name">{html.escape(block.owner)}</td>'
+            f"<td>{html.escape(block.module_class)}</td>"
+            f'<td class="number">{block.absmax:.4g}</td><td class="number">{_bits(block.headroom_bits)}</td>'
+            f'<td class="number">{block.calls}</td><td>{html.escape(marks)}</td></tr>'
+        )
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _span_text(span_blocks: tuple[str, ...]) -> str:
+    extent = span_blocks[0] if len(span_blocks) == 1 else f"{span_blocks[0]} .. {span_blocks[-1]}"
+    return (
+        f"<code>{html.escape(extent)}</code> ({len(span_blocks)} block{'s' if len(span_blocks) > 1 else ''})"
+    )
+
+
+def _stream_section(scan: HeadroomScan) -> str:
+    if not scan.stream:
+        return "<p>No residual-stream block ran.</p>"
+    limit = f"{scan.dtype} max - 1000" if scan.dtype == "float16" else f"{scan.dtype}'s clipping band"
+    intro = (
+        "<p>Each block's output as it passes the residual stream on (the hidden states only: T5's "
+        "position bias is left out). A <strong>stream span</strong> is a run of consecutive blocks "
+        "whose stream is under the margin: the stream itself carries out-of-range values (massive "
+        f"activations), which diffusers clips at {html.escape(scan.dtype)}'s maximum and the guard "
+        f"counts as saturated from {html.escape(limit)}. No module below the component fits there, so "
+        "the plan fixes such a span with <code>residual</code> on the layer that produces the values: "
+        "the stream travels in float32 from it.</p>"
+    )
+    if scan.spans:
+        items = "".join(
+            f"<li>{_span_text(span.blocks)} in <code>{html.escape(span.owner)}</code>: "
+            f"stream absmax {span.absmax:.4g}, {_bits(span.headroom_bits)} bits</li>"
+            for span in scan.spans
+        )
+        spans = f"<p><strong>{len(scan.spans)} stream span(s)</strong>:</p><ul>{items}</ul>"
+    else:
+        spans = "<p>No stream span: every block's stream fits with the margin.</p>"
+    return intro + spans + _stream_rows(scan)
+
+
+def _plan_section(planned: ScanPlan) -> str:
+    unplanned = ""
+    if planned.unplanned:
+        items = "".join(
+            f"<li><code>{html.escape(item.module)}</code>: {html.escape(item.reason)}</li>"
+            for item in planned.unplanned
+        )
+        unplanned = (
+            "<p><strong>Not planned</strong> (the guard still recovers these at run time, with the "
+            f"strategies it is given):</p><ul>{items}</ul>"
+        )
+    if not planned.fixes:
+        nothing = "<p>Nothing is at risk, so the plan is empty.</p>" if not planned.unplanned else ""
+        return nothing + unplanned
     items = "".join(
-        f"<li><code>{html.escape(entry.module)}</code> ({html.escape(entry.module_class)}) in float32</li>"
-        for entry in plan.entries
+        f"<li><code>{html.escape(fix.entry.module)}</code> ({html.escape(fix.entry.module_class)}): "
+        f"<strong>{html.escape(fix.entry.strategy)}</strong>, adds {fix.extra_bytes} bytes. "
+        f"{html.escape(fix.reason[:1].upper() + fix.reason[1:])}.</li>"
+        for fix in planned.fixes
+    )
+    budget = (
+        f" of the {planned.budget_bytes} bytes the memory budget allows"
+        if planned.budget_bytes is not None
+        else ""
     )
     return (
-        f"<ul>{items}</ul><p>Apply it with <code>GuardedFluxFillPipeline.from_pretrained(model, "
+        f"<ul>{items}</ul><p>The plan adds {planned.extra_bytes} parameter bytes{budget}.</p>{unplanned}"
+        "<p>Apply it with <code>GuardedFluxFillPipeline.from_pretrained(model, "
         "guard_plan=&quot;plan.json&quot;)</code> or <code>fluxguard fill MODEL --plan plan.json</code>.</p>"
     )
 
 
-def report_html(scan: HeadroomScan, plan: PrecisionPlan) -> str:
+def report_html(scan: HeadroomScan, planned: ScanPlan) -> str:
     """One page: summary, chart of headroom per block, the plan, every module sorted by headroom."""
     at_risk = scan.at_risk
     summary = (
         f"{len(scan.modules)} modules recorded in float32 over {scan.samples} sample(s); "
         f"headroom against {scan.dtype} (max {scan.dtype_max:g}); margin {scan.margin_bits:g} bit(s); "
-        f"<strong>{len(at_risk)} at risk</strong>."
+        f"<strong>{len(at_risk)} at risk</strong>; "
+        f"<strong>{len(scan.spans)} stream span(s)</strong>."
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fluxguard headroom: {html.escape(scan.model)}</title>
@@ -94,11 +172,14 @@ def report_html(scan: HeadroomScan, plan: PrecisionPlan) -> str:
 <p>{summary}</p>
 <p>Headroom is log2({scan.dtype} max / largest magnitude), of each module's output and of its
 inputs: below 0 it overflows {scan.dtype}; below the margin the module is marked at risk. Each
-bar is a block's lowest headroom.</p>
+bar is a block's lowest headroom; shaded rows are stream spans, blocks whose residual stream is at
+risk, with a black tick at the stream's own headroom.</p>
 <h2>Headroom per block</h2>
 {svg_chart(scan)}
 <h2>Precision plan</h2>
-{_plan_section(plan)}
+{_plan_section(planned)}
+<h2>Residual stream</h2>
+{_stream_section(scan)}
 <h2>Modules at risk</h2>
 {_module_rows(at_risk) if at_risk else "<p>None.</p>"}
 <h2>All modules, lowest headroom first</h2>
@@ -107,12 +188,12 @@ bar is a block's lowest headroom.</p>
 """
 
 
-def write_report(scan: HeadroomScan, plan: PrecisionPlan, folder: Path) -> list[Path]:
+def write_report(scan: HeadroomScan, planned: ScanPlan, folder: Path) -> list[Path]:
     """Write the four files into ``folder`` (created if needed); returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in REPORT_FILES]
-    paths[0].write_text(report_json(scan), encoding="utf-8")
-    plan.save(paths[1])
-    paths[2].write_text(report_html(scan, plan), encoding="utf-8")
+    paths[0].write_text(report_json(scan, planned), encoding="utf-8")
+    planned.plan.save(paths[1])
+    paths[2].write_text(report_html(scan, planned), encoding="utf-8")
     png_chart(scan).save(paths[3])
     return paths

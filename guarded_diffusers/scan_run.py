@@ -17,6 +17,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from diffusers import FluxFillPipeline
 from tqdm.auto import tqdm
 
+from .options import DEFAULT_MAX_EXTRA_MEMORY
 from .samples import draw_samples
 from .scan import AbsmaxRecorder, HeadroomScan, SampleRecord, merge
 
@@ -34,6 +35,8 @@ class ScanRequest:
     max_sequence_length: int
     max_guidance: float
     device: str = "auto"
+    # The fraction of the pipeline's parameter bytes plan fixes may add (the guard's default budget).
+    max_extra_memory: float = DEFAULT_MAX_EXTRA_MEMORY
 
 
 class SizeTooSmall(ValueError):
@@ -101,4 +104,6 @@ def run_scan(request: ScanRequest) -> HeadroomScan | None:
         dtype=request.dtype,
         margin_bits=request.margin_bits,
         sampling=sampling,
+        layout=recorder.layout,
+        max_extra_memory=request.max_extra_memory,
     )

@@ -1,11 +1,15 @@
 """A scan split by ``accelerate launch`` over two processes writes the bytes a one-process scan writes.
 
+The model overflows in its residual stream, so the merge covers the stream records, the stream
+span and the plan's reasons too.
+
 Both sides run one torch thread per process: CPU kernels may sum in another order with another
 thread count, which moves a float32 absmax by an ulp, and the comparison is byte for byte.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -41,7 +45,7 @@ def free_port() -> int:
 def test_two_processes_merge_to_the_one_process_report(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, saved_model: Callable[..., tuple[Path, str | None]]
 ) -> None:
-    folder, injected = saved_model("double_block_ff")
+    folder, injected = saved_model("double_block_ff_residual")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -79,4 +83,6 @@ def test_two_processes_merge_to_the_one_process_report(
     assert result.stdout.count("wrote ") == 1  # only the main process writes and prints
     for name in ("report.json", "plan.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
-    assert injected in (tmp_path / "two" / "report.json").read_text()
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert injected in report["at_risk"] and report["stream"]["spans"]
+    assert report["stream"]["blocks"][0]["calls"] > 0
