@@ -127,3 +127,26 @@ def parameter_bytes(pipe: FluxFillPipeline) -> int:
         for tensor in (*component.parameters(), *component.buffers()):
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+@contextlib.contextmanager
+def counting_host_reads() -> Iterator[list[int]]:
+    """Counts ``Tensor.item`` and ``Tensor.tolist`` calls (every device value read on the host) inside
+    the block: ``[count]``. On a GPU each one is a synchronisation."""
+    counts = [0]
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist")}
+
+    def counted(original: Any) -> Any:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            counts[0] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
