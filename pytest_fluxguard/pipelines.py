@@ -1,7 +1,8 @@
 """Pipelines loaded once and shared by every item and test of a session.
 
-One FluxFillPipeline is loaded per (folder, variant, dtype); its guarded twin wraps the very same
-modules, so a guarded pipeline costs no memory. The guard's fixes persist until ``guard.reset()``,
+One FluxFillPipeline is loaded per (folder, variant, dtype); its guarded twin and its detect-only
+twin (a guard with no strategies, which raises at the first overflow) wrap the very same modules,
+so neither costs memory. The guard's fixes persist until ``guard.reset()``,
 which restores the weights bit for bit: every hand-out resets them, so each test starts from the
 saved weights and a raw pipeline never runs with a fix a guarded run left behind. Only the most
 recently used weights stay loaded (a model and its float32 reference), since a full-size Flux Fill
@@ -32,6 +33,7 @@ def dtype_name(dtype: Any) -> str:
 class _Loaded:
     raw: Any
     guarded: Any = None
+    detecting: Any = None
 
 
 class PipelineCache:
@@ -59,6 +61,23 @@ class PipelineCache:
             loaded.guarded = GuardedFluxFillPipeline(**loaded.raw.components)
             loaded.guarded.set_progress_bar_config(disable=True)
         return loaded.guarded
+
+    def detecting(self, path: str | Path, variant: str | None = None, dtype: Any = "float16") -> Any:
+        """The raw pipeline's weights behind a guard that only detects (``guard_strategies=[]``).
+
+        It raises ``NonFiniteError`` at the first stage that overflows (NaN, inf, or a residual
+        stream at the dtype's maximum, where diffusers and transformers clip) and otherwise
+        returns the raw pipeline's pixels bit for bit: its checks only read the tensors.
+        """
+        loaded = self._load(Path(path).resolve(), variant, dtype_name(dtype))
+        if loaded.guarded is not None:
+            loaded.guarded.guard.reset()
+        if loaded.detecting is None:
+            from guarded_diffusers import GuardedFluxFillPipeline
+
+            loaded.detecting = GuardedFluxFillPipeline.from_pipe(loaded.raw, guard_strategies=[])
+            loaded.detecting.set_progress_bar_config(disable=True)
+        return loaded.detecting
 
     def _load(self, path: Path, variant: str | None, dtype: str) -> _Loaded:
         key = (path, variant, dtype)
