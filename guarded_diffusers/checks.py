@@ -1,7 +1,7 @@
 """Device-side finiteness checks: one reduction on the tensors' own device, one host read.
 
-The absolute maximum doubles as the finiteness flag: the infinity norm propagates NaN and
-inf, so a single reduction both detects a non-finite value and measures headroom.
+The absolute maximum doubles as the finiteness flag: min and max propagate NaN and inf, so a
+single reduction both detects a non-finite value and measures headroom.
 """
 
 from __future__ import annotations
@@ -25,12 +25,22 @@ def floating_tensors(tree: Any) -> list[torch.Tensor]:
     ]
 
 
+def tensor_absmax(tensor: torch.Tensor) -> torch.Tensor:
+    """``max |tensor|`` as a float32 device scalar; NaN if any value is NaN, inf if any is infinite.
+
+    One ``aminmax`` pass: several times cheaper than ``vector_norm(ord=inf)`` for float16 on CPU,
+    one reduction on any device.
+    """
+    low, high = torch.aminmax(tensor.detach())
+    return torch.maximum(high, low.neg()).float()
+
+
 def absmax_on_device(tree: Any) -> torch.Tensor | None:
     """Largest absolute value over every floating tensor in ``tree``, as a float32 device scalar.
 
     NaN anywhere gives NaN and inf gives inf; ``None`` when there is no floating tensor.
     """
-    peaks = [torch.linalg.vector_norm(t, ord=math.inf).float() for t in floating_tensors(tree) if t.numel()]
+    peaks = [tensor_absmax(t) for t in floating_tensors(tree) if t.numel()]
     if not peaks:
         return None
     return peaks[0] if len(peaks) == 1 else torch.stack([p.to(peaks[0].device) for p in peaks]).amax()

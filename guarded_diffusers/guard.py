@@ -24,6 +24,7 @@ from torch import nn
 
 from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
+from .context import current_call, entering
 from .ledger import FixLedger
 from .locate import Location, locate_first_overflow
 from .options import GuardOptions
@@ -33,13 +34,24 @@ from .plugins import plugin_manager, registered_strategies
 from .recovery import Fix, RecoveryStrategy
 from .report import DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 from .settle import Settler, StageCall, error_text, shape_of
-from .stream import StreamWatch, stage_verdict
+from .stream import StreamWatch, residual_blocks, stage_verdict
 
 # Under diffusers' logger, so diffusers.utils.logging.set_verbosity_*() and its handlers apply.
 logger = logging.get_logger(f"diffusers.{__name__}")
 
 # Incidents one stage call may raise before the guard gives up on it (each is a new module).
 MAX_INCIDENTS_PER_CALL = 8
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """One guarded pipeline call: its report, step count and the fixes it made (for rollback)."""
+
+    guard: Guard
+    report: GuardReport
+    step: int = 0
+    recovering: bool = False
+    fixes_made: list[Fix] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +93,7 @@ class Guard:
         self.options = options or GuardOptions()
         self.last_report: GuardReport | None = None
         self._working_dtypes: dict[str, torch.dtype | None] = {}
-        self._report = GuardReport()
-        self._step = 0
-        self._recovering = False
-        self._watches: dict[int, tuple[nn.Module, StreamWatch]] = {}
+        self._blocks: dict[int, tuple[nn.Module, list[nn.Module]]] = {}
         components = [module for module in pipeline.components.values() if isinstance(module, nn.Module)]
         self._ledger = FixLedger(self.options.budget_bytes(tensor_bytes(components)))
 
@@ -153,28 +162,32 @@ class Guard:
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[GuardReport]:
-        """Check every stage for the duration of one pipeline call; roll back on any exception."""
-        self._report = GuardReport()
-        self._ledger.begin_call()
-        self._step = 0
+        """Check every stage for the duration of one pipeline call; roll back on any exception.
+
+        The hooks act only on this call (this thread): another pipeline sharing the components, or
+        this one called from another thread, runs unwatched through them or with its own call.
+        """
+        call = _Call(self, GuardReport())
         handles = []
         for stage in STAGES:
             module = _resolve(self._pipeline, stage.component)
             if module is not None:
-                watch = self._stream_watch(module)
+                watch = StreamWatch(self._residual_blocks(module), lambda call=call: current_call() is call)
                 handles += watch.install()
-                handles.append(module.register_forward_hook(self._stage_hook(stage, watch), with_kwargs=True))
+                hook = self._stage_hook(stage, watch, call)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
         try:
-            yield self._report
+            with entering(call):
+                yield call.report
         except BaseException:
-            self._ledger.revert_call()
+            self._ledger.revert(call.fixes_made)
             raise
         else:
-            if self._report.degraded:
+            if call.report.degraded:
                 warnings.warn(
                     DegradedFixWarning(
                         "guarded_diffusers: no fix came within tolerance of float32 for "
-                        f"{', '.join(i.module or i.stage for i in self._report.incidents if i.degraded)}; "
+                        f"{', '.join(i.module or i.stage for i in call.report.incidents if i.degraded)}; "
                         "the image is finite but may differ from float32's. See `guard_report`."
                     ),
                     stacklevel=4,  # the caller of the pipeline: watching, contextlib, __call__
@@ -182,8 +195,8 @@ class Guard:
         finally:
             for handle in handles:
                 handle.remove()
-            self._report.fixes = self.in_force()
-            self.last_report = self._report
+            call.report.fixes = self.in_force()
+            self.last_report = call.report
 
     def check_latents(self, latents: torch.Tensor, step: int) -> None:
         """Raise if the scheduler produced non-finite latents: no module can be fixed there."""
@@ -193,36 +206,48 @@ class Guard:
         incident = Incident(
             SCHEDULER_STAGE, step, "scheduler", peak, detail="latents left the working dtype's range"
         )
-        self._report.incidents.append(incident)
+        report = self._current().report
+        report.incidents.append(incident)
         self._settled(incident)
         raise self._failure(f"The scheduler produced non-finite latents at step {step}.")
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _stream_watch(self, component: nn.Module) -> StreamWatch:
-        """The block watch of ``component``, found once per component object."""
-        held = self._watches.get(id(component))
+    def _residual_blocks(self, component: nn.Module) -> list[nn.Module]:
+        """The blocks of ``component``, found once per component object."""
+        held = self._blocks.get(id(component))
         if held is None or held[0] is not component:
-            held = self._watches[id(component)] = (component, StreamWatch(component))
+            held = self._blocks[id(component)] = (component, residual_blocks(component))
         return held[1]
 
-    def _stage_hook(self, stage: Stage, watch: StreamWatch) -> Callable[..., Any]:
-        def after_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if self._recovering:
+    def _current(self) -> _Call:
+        call = current_call()
+        if call is None or call.guard is not self:
+            raise RuntimeError("guarded_diffusers: the guard was asked about a call it is not watching.")
+        return call
+
+    def _stage_hook(self, stage: Stage, watch: StreamWatch, call: _Call) -> Callable[..., Any]:
+        def after_forward(module: nn.Module, args: tuple, *kwargs_and_output: Any) -> Any:
+            # (kwargs, output), or (output,) from a thread that saw the hook half-registered
+            if current_call() is not call or call.recovering:
                 return None
-            step = self._step if stage.counts_steps else None
-            self._step += stage.counts_steps
+            kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
+            step = call.step if stage.counts_steps else None
+            call.step += stage.counts_steps
             if stage_verdict(output, watch.take()) is None:
                 return None
-            call = StageCall(stage.name, stage.component, step, module, args, kwargs, shape_of(output), watch)
-            return self._recover(call)
+            stage_call = StageCall(
+                stage.name, stage.component, step, module, args, kwargs, shape_of(output), watch
+            )
+            return self._recover(stage_call)
 
         return after_forward
 
     def _recover(self, call: StageCall) -> Any:
         """Locate, fix and recompute until the stage's output is clean; raise if it cannot be."""
-        self._recovering = True
-        first = len(self._report.incidents)
+        state = self._current()
+        state.recovering = True
+        first = len(state.report.incidents)
         settler = Settler(
             self.strategies,
             self.options,
@@ -238,7 +263,7 @@ class Guard:
                 incident = Incident(
                     call.stage_name, call.step, location.module_name, location.absmax, kind=location.kind
                 )
-                self._report.incidents.append(incident)
+                state.report.incidents.append(incident)
                 output, location = settler.settle(incident, location, call)
                 if location is None:
                     return output
@@ -246,15 +271,25 @@ class Guard:
                 f"{call.stage_name} is still overflowing after {MAX_INCIDENTS_PER_CALL} recoveries."
             )
         finally:
-            self._recovering = False
-            for incident in self._report.incidents[first:]:
+            state.recovering = False
+            for incident in state.report.incidents[first:]:
                 self._settled(incident)
 
     def _locate(self, call: StageCall) -> Location:
-        location = locate_first_overflow(
-            call.module, call.component_name, call.args, call.kwargs, call.watch.blocks
-        )
-        call.watch.take()  # what the aborted re-run's blocks saw is not a stage verdict
+        try:
+            location = locate_first_overflow(
+                call.module, call.component_name, call.args, call.kwargs, call.watch.blocks
+            )
+        except Exception as error:  # the diagnosis never crashes the call: it becomes the report's incident
+            detail = f"the diagnosis raised {error_text(error)}"
+            self._current().report.incidents.append(
+                Incident(call.stage_name, call.step, call.component_name, detail=detail)
+            )
+            raise self._failure(
+                f"Could not diagnose {call.stage_name} in {call.component_name}: {detail}."
+            ) from error
+        finally:
+            call.watch.take()  # what the aborted re-run's blocks saw is not a stage verdict
         if location is None:
             raise self._failure(
                 f"{call.component_name} overflowed in {call.stage_name} but a diagnostic re-run did "
@@ -268,7 +303,7 @@ class Guard:
             self._working_dtypes = {name: self.working_dtype(name) for name in _COMPONENTS}
 
     def _failure(self, message: str) -> NonFiniteError:
-        return NonFiniteError(message, self._report)
+        return NonFiniteError(message, self._current().report)
 
     def _settled(self, incident: Incident) -> None:
         """Log a final incident and show it to observer plugins, whose errors cannot break the call."""

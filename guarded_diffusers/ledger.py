@@ -1,11 +1,15 @@
 """The fixes a guard holds: in the order they were made, with what each costs and how it measured.
 
 Everything that adds or removes a fix goes through the ledger, so the memory budget, the report's
-"fixes in force" and a call's rollback all read one list.
+"fixes in force" and a call's rollback all read one list. A lock keeps the list whole when the
+same guarded pipeline serves calls from several threads; each call remembers its own fixes.
 """
 
 from __future__ import annotations
 
+import threading
+
+from .context import current_call
 from .recovery import Fix
 from .report import FixInForce
 
@@ -16,12 +20,22 @@ class FixLedger:
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.fixes: list[Fix] = []
-        self._this_call: list[Fix] = []
         self._costs: dict[int, FixInForce] = {}
+        self._lock = threading.RLock()
 
     def remember(self, fix: Fix) -> None:
-        self.fixes.append(fix)
-        self._this_call.append(fix)
+        """Hold ``fix``; the guarded call this thread is in (if any) may roll it back."""
+        with self._lock:
+            self.fixes.append(fix)
+        call = current_call()
+        if call is not None:
+            call.fixes_made.append(fix)
+
+    def adopt(self, fix: Fix, cost: FixInForce) -> None:
+        """Hold a fix made outside any call (from a plan), with what it costs."""
+        with self._lock:
+            self.fixes.append(fix)
+            self._costs[id(fix)] = cost
 
     def record(self, fix: Fix, cost: FixInForce) -> None:
         """What ``fix`` (held) adds to memory and how faithful it measured."""
@@ -29,19 +43,14 @@ class FixLedger:
 
     def revert(self, fixes: list[Fix]) -> None:
         """Revert ``fixes`` newest first (a fix may enclose an older one) and forget them."""
-        undone = {id(fix) for fix in fixes}
-        for fix in reversed(list(fixes)):
-            fix.revert()
-            self._costs.pop(id(fix), None)
-        self.fixes = [fix for fix in self.fixes if id(fix) not in undone]
-        self._this_call = [fix for fix in self._this_call if id(fix) not in undone]
-
-    def begin_call(self) -> None:
-        self._this_call = []
-
-    def revert_call(self) -> None:
-        """Undo what the current call fixed; fixes from earlier calls stay."""
-        self.revert(self._this_call)
+        with self._lock:
+            held = {id(fix) for fix in self.fixes}
+            undone = [fix for fix in fixes if id(fix) in held]
+            for fix in reversed(undone):
+                fix.revert()
+                self._costs.pop(id(fix), None)
+            gone = {id(fix) for fix in undone}
+            self.fixes = [fix for fix in self.fixes if id(fix) not in gone]
 
     def in_force(self) -> list[FixInForce]:
         """The fixes held now, oldest first, with the memory each adds and how faithful it measured."""

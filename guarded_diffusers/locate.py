@@ -10,6 +10,7 @@ strategy can re-run any of them in isolation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections.abc import Collection
 from typing import Any
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .casting import cast_floating, float32_call
+from .casting import cast_floating, float32_call, float32_extra_bytes
 from .checks import floating_tensors, host_absmax
+from .context import owned_by_this_thread
+from .quantized import quantized_layers
 from .stream import overflow_kind
 
 
@@ -77,11 +80,29 @@ def _detached_copy(tree: Any) -> Any:
 
 
 def float32_output(call: ModuleCall, budget: int | None = None) -> Any:
-    """``call``'s output with its module run in float32 for this call only (restored exactly after).
+    """``call``'s output with its module run in float32 for this call only.
 
-    ``budget`` bounds the extra bytes held at once; see ``casting.float32_call``.
+    A module that fits ``budget`` in float32 runs as a float32 copy without hooks (the model in
+    float32, no fix), so the shared module itself never changes and a concurrent forward through
+    it from another thread is undisturbed. Larger modules, offloaded or quantized ones are widened
+    in place, piece by piece (``casting.float32_call``), and restored exactly after.
     """
-    return float32_call(call.module, call.args, call.kwargs, budget)
+    if _copyable(call.module) and (budget is None or float32_extra_bytes(call.module) <= budget):
+        replica = copy.deepcopy(call.module).float()
+        for module in replica.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                hooks.clear()
+        return replica(*cast_floating(call.args, torch.float32), **cast_floating(call.kwargs, torch.float32))
+    return float32_call(call.module, call.args, call.kwargs, budget, call.name)
+
+
+def _copyable(module: nn.Module) -> bool:
+    """Plain tensors on a real device, no accelerate or diffusers hook, no quantized layer (diffusers'
+    layerwise casting keeps plain float8 tensors): a float32 copy computes what it would."""
+    tensors = [*module.parameters(), *module.buffers()]
+    plain = all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in tensors)
+    hooked = any(hasattr(m, "_hf_hook") or "_diffusers_hook" in m.__dict__ for m in module.modules())
+    return plain and not hooked and not quantized_layers(module)
 
 
 def float32_absmax(call: ModuleCall) -> float:
@@ -101,9 +122,12 @@ def locate_first_overflow(
     active: list[ModuleCall] = []
     found: list[ModuleCall] = []
     kinds: list[str] = []
+    ours = owned_by_this_thread()
     calls_so_far: dict[nn.Module, int] = {}
 
     def enter(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+        if not ours():
+            return  # another thread running through a shared module meanwhile
         occurrence = calls_so_far.get(module, 0)
         calls_so_far[module] = occurrence + 1
         active.append(
@@ -113,6 +137,8 @@ def locate_first_overflow(
         )
 
     def leave(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:
+        if not ours():
+            return
         call = active.pop()
         kind = overflow_kind(module, output, blocks)
         if kind is not None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .checks import floating_tensors, host_absmax
+from .context import owned_by_this_thread
 from .fidelity import relative_l2
 from .locate import ModuleCall, float32_output
 
@@ -57,8 +58,11 @@ class _CallRecorder:
         self.call, self.captured = call, captured
         self.started = 0
         self.open: list[int] = []  # occurrences of this module's calls still running
+        self.ours = owned_by_this_thread()
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.ours():
+            return  # another thread running through a shared module meanwhile
         self.open.append(self.started)
         if self.started == self.call.occurrence:
             self.captured.calls[self.call.name] = dataclasses.replace(
@@ -67,7 +71,7 @@ class _CallRecorder:
         self.started += 1
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.open and self.open.pop() == self.call.occurrence:
+        if self.ours() and self.open and self.open.pop() == self.call.occurrence:
             self.captured.outputs[self.call.name] = _copy(output)
 
 

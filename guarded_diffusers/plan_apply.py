@@ -182,8 +182,7 @@ def apply_entries(
         rollback.restore([fix for fix, _ in applied])
         raise
     for fix, cost in applied:
-        ledger.fixes.append(fix)
-        ledger.record(fix, cost)
+        ledger.adopt(fix, cost)
 
 
 def _apply_entry(plan: PrecisionPlan, item: PendingEntry, lookup: ModuleLookup) -> Fix:

@@ -14,14 +14,14 @@ the accumulated peak together with the component's own output in its one host re
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .checks import absmax_on_device, floating_tensors, host_absmax
+from .checks import absmax_on_device, floating_tensors, host_absmax, tensor_absmax
 
 # diffusers clips at exactly the dtype's maximum, transformers' T5 at ``max - 1000``: a peak at
 # or above ``max - SATURATION_BAND`` is where a library has already cut the values.
@@ -65,7 +65,7 @@ def saturation_ratio(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
     NaN and inf propagate; tensors of a dtype that cannot saturate count as 0.
     """
     ratios = [
-        torch.linalg.vector_norm(t, ord=math.inf).float() / saturation_limit(t.dtype)
+        tensor_absmax(t) / saturation_limit(t.dtype)
         for t in tensors
         if t.numel() and math.isfinite(saturation_limit(t.dtype))
     ]
@@ -112,22 +112,39 @@ def stage_verdict(output: Any, block_ratio: torch.Tensor | None) -> str | None:
 
 
 class StreamWatch:
-    """Accumulates, on the device, the saturation ratio of every block output of one component."""
+    """Accumulates, on the device, the extremes of every block output of one component.
 
-    def __init__(self, component: nn.Module) -> None:
-        self.blocks = residual_blocks(component)
-        self._peak: torch.Tensor | None = None
+    Per block call: one ``aminmax`` per stream tensor and two elementwise ops on scalars, kept per
+    dtype (a float32 stream, as the ``residual`` fix makes, cannot saturate and is not watched).
+    """
+
+    def __init__(self, blocks: list[nn.Module], gate: Callable[[], bool] = lambda: True) -> None:
+        self.blocks = blocks
+        self._gate = gate  # whose block calls count: the watching call's, not a sharing pipeline's
+        self._extremes: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self) -> list[RemovableHandle]:
         return [block.register_forward_hook(self._after_block) for block in self.blocks]
 
     def _after_block(self, block: nn.Module, args: tuple, output: Any) -> None:
-        ratio = saturation_ratio(stream_tensors(block, output))
-        if ratio is None:
+        if not self._gate():
             return
-        self._peak = ratio if self._peak is None else torch.maximum(self._peak, ratio.to(self._peak.device))
+        for tensor in stream_tensors(block, output):
+            if not tensor.numel() or not math.isfinite(saturation_limit(tensor.dtype)):
+                continue
+            low, high = torch.aminmax(tensor.detach())
+            held = self._extremes.get(tensor.dtype)
+            if held is not None:
+                low, high = torch.minimum(held[0], low.to(held[0].device)), torch.maximum(held[1], high)
+            self._extremes[tensor.dtype] = (low, high)
 
     def take(self) -> torch.Tensor | None:
-        """The peak ratio since the last ``take`` (``None`` if no block ran), and start afresh."""
-        peak, self._peak = self._peak, None
-        return peak
+        """The peak saturation ratio since the last ``take`` (``None`` if no block ran), and start afresh."""
+        ratios = [
+            torch.maximum(high, low.neg()).float() / saturation_limit(dtype)
+            for dtype, (low, high) in self._extremes.items()
+        ]
+        self._extremes = {}
+        if not ratios:
+            return None
+        return ratios[0] if len(ratios) == 1 else torch.stack([r.to(ratios[0].device) for r in ratios]).amax()

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..casting import module_dtype
+from ..context import in_guarded_call
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..plan import check_keys, is_real
@@ -52,7 +53,11 @@ class ClampFix(HookFix):
 
 
 def _clamp(module_name: str, module: nn.Module, limit: float) -> ClampFix:
-    handle = module.register_forward_hook(lambda _module, _args, output: saturate(output, limit))
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        # Only in guarded calls: a plain pipeline sharing the module keeps diffusers' numbers.
+        return saturate(output, limit) if in_guarded_call() else None
+
+    handle = module.register_forward_hook(hook)
     return ClampFix(module_name, [handle], limit)
 
 

@@ -23,6 +23,7 @@ from diffusers.models.embeddings import CombinedTimestepGuidanceTextProjEmbeddin
 from torch import nn
 
 from ..checks import host_absmax
+from ..context import in_guarded_call
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..recovery import ModuleLookup
@@ -50,10 +51,14 @@ def _install(component: nn.Module, embedder: nn.Module, module_name: str, scale:
     """Keep the transformer's float32 inputs per thread; substitute their scaled values in the embedder."""
     kept = threading.local()
 
-    def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kept.inputs = (kwargs.get("timestep"), kwargs.get("guidance"))
+    # Both take their kwargs optionally: a thread entering the transformer while the hooks are being
+    # registered may call them as plain hooks (torch records "with kwargs" in a second dict).
+    def keep(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        # Only in guarded calls: a plain pipeline sharing the transformer keeps diffusers' numbers.
+        guarded = in_guarded_call() and kwargs is not None
+        kept.inputs = (kwargs.get("timestep"), kwargs.get("guidance")) if guarded else None
 
-    def forget(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def forget(module: nn.Module, args: tuple, *kwargs_and_output: Any) -> None:
         kept.inputs = None
 
     def substitute(module: nn.Module, args: tuple) -> tuple | None:
