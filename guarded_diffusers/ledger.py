@@ -52,6 +52,13 @@ class FixLedger:
             gone = {id(fix) for fix in undone}
             self.fixes = [fix for fix in self.fixes if id(fix) not in gone]
 
+    def restore_costs(self, costs: list[FixInForce]) -> None:
+        """After the held fixes were lifted and re-applied in the same order, give them back the
+        cost and measured error they had (a plan carries neither)."""
+        for fix, cost in zip(self.fixes, costs, strict=False):
+            if (fix.strategy, fix.module_name) == (cost.strategy, cost.module):
+                self._costs[id(fix)] = cost
+
     def in_force(self) -> list[FixInForce]:
         """The fixes held now, oldest first, with the memory each adds and how faithful it measured."""
         return [

@@ -213,7 +213,10 @@ class Settler:
         incident.recovered, incident.degraded = not degraded, degraded
         cost = FixInForce(trial.fix.strategy, trial.fix.module_name, incident.extra_bytes, incident.error)
         self.ledger.record(trial.fix, cost)
-        return trial.output, trial.following
+        following = trial.following
+        if following is not None:  # located while this fix's cost was not yet on the books
+            following = dataclasses.replace(following, memory_budget=self.ledger.budget_left())
+        return trial.output, following
 
     def _keep_degraded(self, trial: _Trial, incident: Incident) -> tuple[Any, Location | None]:
         """Re-apply the most faithful finite fix (reverted while others were tried); report it degraded."""

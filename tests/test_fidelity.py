@@ -24,6 +24,12 @@ def parameter_bytes(pipe) -> int:
     return tensor_bytes(module for module in pipe.components.values() if isinstance(module, torch.nn.Module))
 
 
+def quietly(call):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return call()
+
+
 def degraded_warnings(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -236,3 +242,19 @@ def test_a_plan_over_the_memory_budget_is_refused_whole(saved_model, tmp_path):
     assert state_snapshot(pipe) == before and pipe.guard.fixes == []
     roomy.guard.apply_plan(plan)  # already held: nothing changes, the cost stays recorded
     assert roomy.guard.in_force()[0].extra_bytes > 0
+
+
+def test_fixes_of_one_call_stay_within_the_budget_together_and_survive_a_save(tmp_path):
+    pipe = tiny_flux_fill_pipeline()
+    inject_overflow(pipe, "double_block_ff")
+    inject_overflow(pipe, SITE, block=1)
+    pipe.save_pretrained(tmp_path / "model")
+    guarded = load(GuardedFluxFillPipeline, tmp_path / "model", torch.float16, guard_max_extra_memory=0.1)
+
+    report = quietly(lambda: fill(guarded)).guard_report
+
+    assert len(report.incidents) == 2
+    assert report.extra_bytes <= 0.1 * (parameter_bytes(guarded) - report.extra_bytes)
+    held = guarded.guard.in_force()
+    guarded.save_pretrained(tmp_path / "saved")  # lifts the fixes and re-applies them within the budget
+    assert guarded.guard.in_force() == held  # with their measured cost and error
