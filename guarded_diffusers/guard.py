@@ -156,6 +156,21 @@ class Guard:
             self._note_working_dtypes()
             apply_entries(plan, pending, components, self.module, self._ledger)
 
+    @contextlib.contextmanager
+    def lifted(self) -> Iterator[PrecisionPlan]:
+        """Revert every fix for the block (the weights as loaded), then re-apply them as they were.
+
+        For what must see the model without fixes: saving it, or changing its modules. Yields the
+        plan of the lifted fixes; they come back with their measured cost and error.
+        """
+        plan, costs = self.plan(), self.in_force()
+        self.reset()
+        try:
+            yield plan
+        finally:
+            self.apply_plan(plan)
+            self._ledger.restore_costs(costs)
+
     def in_force(self) -> list[FixInForce]:
         """The fixes held now, oldest first, with the memory each adds and how faithful it measured."""
         return self._ledger.in_force()

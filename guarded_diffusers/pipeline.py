@@ -26,6 +26,7 @@ from .call_checks import check_dtype_arguments, validate_call_arguments
 from .casting import set_tensor_dtype
 from .checks import validate_finite_inputs
 from .guard import Guard
+from .lora_lifecycle import adopt_components, lifts_fixes_around_lora
 from .options import Fidelity, GuardOptions
 from .plan import PrecisionPlan
 from .plugins import registered_strategies, resolve_strategies
@@ -56,6 +57,7 @@ class GuardedFluxPipelineOutput(FluxPipelineOutput):
     guard_report: GuardReport | None = None
 
 
+@lifts_fixes_around_lora  # load_lora_weights, fuse_lora, ...: fixes lifted around each
 class GuardedFluxFillPipeline(FluxFillPipeline):
     """Drop-in FluxFillPipeline that checks every stage for NaN/inf and recovers in place.
 
@@ -69,7 +71,9 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
     @functools.cached_property
     def guard(self) -> Guard:
         """The guard watching this pipeline: its strategies, fixes, last report, ``plan()``, ``reset()``."""
-        return Guard(self, strategies=resolve_strategies(None), options=GuardOptions())
+        guard = Guard(self, strategies=resolve_strategies(None), options=GuardOptions())
+        adopt_components(self, guard)
+        return guard
 
     @classmethod
     def from_pretrained(
@@ -151,6 +155,7 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         if plan is not None:
             guard.apply_plan(plan)
         self.__dict__["guard"] = guard  # what the cached property would hold
+        adopt_components(self, guard)
         return self
 
     def save_pretrained(
@@ -178,14 +183,8 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
             use_flashpack=use_flashpack,
             **kwargs,
         )
-        if not self.guard.fixes:
+        with self.guard.lifted():
             return save()
-        plan = self.guard.plan()
-        self.guard.reset()
-        try:
-            return save()
-        finally:
-            self.guard.apply_plan(plan)
 
     def to_json_string(self) -> str:
         """The pipeline config, naming FluxFillPipeline so saved folders load with plain diffusers."""
@@ -230,6 +229,7 @@ class GuardedFluxFillPipeline(FluxFillPipeline):
         user_inputs = list(arguments.get("callback_on_step_end_tensor_inputs", ["latents"]))
         arguments["callback_on_step_end"] = self._step_callback(user_callback, user_inputs)
         arguments["callback_on_step_end_tensor_inputs"] = list(dict.fromkeys(["latents", *user_inputs]))
+        adopt_components(self, self.guard)  # a component set since the guard was made
         with self.guard.watching() as report:
             output = super().__call__(*bound.args[1:], **bound.kwargs)
         if isinstance(output, tuple):
