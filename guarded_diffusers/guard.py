@@ -24,6 +24,7 @@ from torch import nn
 
 from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
+from .compiled import eager_module, is_compiled, watch_calls
 from .context import current_call, entering
 from .ledger import FixLedger
 from .locate import Location, locate_first_overflow
@@ -119,6 +120,7 @@ class Guard:
         """The module a qualified name (``transformer.single_transformer_blocks.0``) refers to."""
         component, _, path = name.partition(".")
         root = getattr(self._pipeline, component, None) if component in _COMPONENTS else None
+        root = eager_module(root) if isinstance(root, nn.Module) else root
         if not isinstance(root, nn.Module):
             raise KeyError(f"{name}: the pipeline has no component {component!r}")
         try:
@@ -189,8 +191,7 @@ class Guard:
             if module is not None:
                 watch = StreamWatch(self._residual_blocks(module), lambda call=call: current_call() is call)
                 handles += watch.install()
-                hook = self._stage_hook(stage, watch, call)
-                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                handles.append(watch_calls(module, self._stage_hook(stage, watch, call)))
         try:
             with entering(call):
                 yield call.report
@@ -229,10 +230,12 @@ class Guard:
     # -- the loop -------------------------------------------------------------------------------
 
     def _residual_blocks(self, component: nn.Module) -> list[nn.Module]:
-        """The blocks of ``component``, found once per component object."""
+        """The blocks of ``component``, found once per component object; none under torch.compile
+        (hooks inside compiled code would break its graph or make it recompile every call)."""
         held = self._blocks.get(id(component))
         if held is None or held[0] is not component:
-            held = self._blocks[id(component)] = (component, residual_blocks(component))
+            blocks = [] if is_compiled(component) else residual_blocks(component)
+            held = self._blocks[id(component)] = (component, blocks)
         return held[1]
 
     def _current(self) -> _Call:

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .casting import cast_floating, float32_call, float32_extra_bytes
 from .checks import floating_tensors, host_absmax
+from .compiled import eager_call, eager_module
 from .context import owned_by_this_thread
 from .quantized import quantized_layers
 from .stream import overflow_kind
@@ -117,7 +118,7 @@ def locate_first_overflow(
     non-finite, or saturated for a layer or one of ``blocks``; ``None`` if nothing overflows."""
     names = {
         module: f"{component_name}.{name}" if name else component_name
-        for name, module in component.named_modules()
+        for name, module in eager_module(component).named_modules()
     }
     active: list[ModuleCall] = []
     found: list[ModuleCall] = []
@@ -152,12 +153,12 @@ def locate_first_overflow(
             handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(module.register_forward_hook(leave, with_kwargs=True))
         with contextlib.suppress(_FirstNonFinite):
-            component(*args, **kwargs)
+            eager_call(component, args, kwargs)  # compiled code would not run the hooks
     finally:
         for handle in handles:
             handle.remove()
     if not found:
         return None
     first = found[0]
-    absmax = float32_absmax(first) if first.module is not component else None
+    absmax = float32_absmax(first) if first.module not in (component, eager_module(component)) else None
     return Location(calls=tuple(found), absmax=absmax, kind=kinds[0])

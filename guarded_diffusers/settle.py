@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .casting import tensor_bytes
+from .compiled import eager_call
 from .ledger import FixLedger
 from .locate import Location
 from .measure import Captured, Measurement, capturing, measure
@@ -160,7 +161,7 @@ class Settler:
         call.watch.take()  # block peaks from the strategy's own trial runs are not the recompute's
         with capturing(location.calls) as captured:
             try:
-                output = call.module(*call.args, **call.kwargs)
+                output = eager_call(call.module, call.args, call.kwargs)  # hooks fire, as eager does
             except Exception as error:
                 self._reject(fix, attempt, snapshot, "raised", f"the recompute raised {error_text(error)}")
                 return None

@@ -1,0 +1,67 @@
+"""Components under ``torch.compile``: watched from outside the compiled code, diagnosed eagerly.
+
+``torch.compile(module)`` returns an ``OptimizedModule`` holding the eager module at ``_orig_mod``;
+``module.compile()`` compiles in place (``_compiled_call_impl``), hooks included. A hook that
+reads a value on the host inside compiled code breaks the graph, and hooks added or removed per
+call make dynamo recompile. So the guard's stage check wraps the compiled call from outside, its
+block watch stays out of compiled components, and the diagnosis and the recompute run the eager
+module, whose submodules' hooks fire and whose names carry no ``_orig_mod``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+try:
+    from torch._dynamo.eval_frame import OptimizedModule
+except ImportError:  # pragma: no cover - torch without dynamo
+    OptimizedModule = ()  # type: ignore[assignment,misc]
+
+# The stage check: (module, args, kwargs, output) -> a replacement output, or None to keep it.
+StageCheck = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def eager_module(module: nn.Module) -> nn.Module:
+    """The module whose submodules run eagerly and carry the names users know."""
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+def eager_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` without the compiled code: hooks on submodules fire."""
+    if isinstance(module, OptimizedModule):
+        return module._orig_mod(*args, **kwargs)
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return module._call_impl(*args, **kwargs)
+    return module(*args, **kwargs)
+
+
+class _CompiledCallWatch:
+    """Wraps an in-place compiled module's ``_compiled_call_impl`` with the check; ``remove()`` undoes it."""
+
+    def __init__(self, module: nn.Module, check: StageCheck) -> None:
+        self.module, self.compiled = module, module._compiled_call_impl
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            output = self.compiled(*args, **kwargs)
+            replaced = check(module, args, kwargs, output)
+            return output if replaced is None else replaced
+
+        module._compiled_call_impl = checked
+
+    def remove(self) -> None:
+        self.module._compiled_call_impl = self.compiled
+
+
+def watch_calls(module: nn.Module, check: StageCheck) -> Any:
+    """Run ``check`` after every call of ``module``, outside any compiled code; returns a handle."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return _CompiledCallWatch(module, check)
+    # An OptimizedModule runs its own forward hooks eagerly, around the compiled forward.
+    return module.register_forward_hook(check, with_kwargs=True)
