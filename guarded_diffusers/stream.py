@@ -7,12 +7,14 @@ inf appears: the image stays finite and is silently wrong. So the guard watches 
 output as well as each component's: a value within ``SATURATION_BAND`` of the dtype's maximum
 counts as an overflow ("saturated"), like inf or NaN.
 
-The watch costs one device reduction per block call, accumulated on the device; the guard reads
-the accumulated peak together with the component's own output in its one host read per call.
+The watch costs one device reduction per block output (``aminmax``), kept on the device and
+reduced once per component call; the guard reads that peak together with the component's own
+output in its one host read.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
@@ -29,6 +31,7 @@ SATURATION_BAND = 1000.0
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+@functools.cache
 def saturation_limit(dtype: torch.dtype) -> float:
     """The magnitude from which a ``dtype`` value counts as saturated (inf for float32 and wider)."""
     if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
@@ -56,6 +59,10 @@ def stream_tensors(block: nn.Module, output: Any) -> list[torch.Tensor]:
     such as T5's position bias (which holds the attention mask at the dtype's minimum)."""
     if type(block).__module__.startswith("transformers.") and isinstance(output, tuple | list):
         output = output[:1]
+    if isinstance(output, torch.Tensor):  # the common cases, without walking a tree
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, tuple | list) and all(isinstance(item, torch.Tensor) for item in output):
+        return [item for item in output if item.is_floating_point()]
     return floating_tensors(output)
 
 
@@ -112,16 +119,17 @@ def stage_verdict(output: Any, block_ratio: torch.Tensor | None) -> str | None:
 
 
 class StreamWatch:
-    """Accumulates, on the device, the extremes of every block output of one component.
+    """Collects, on the device, the extremes of every block output of one component call.
 
-    Per block call: one ``aminmax`` per stream tensor and two elementwise ops on scalars, kept per
-    dtype (a float32 stream, as the ``residual`` fix makes, cannot saturate and is not watched).
+    Per block call: one ``aminmax`` per stream tensor, nothing else; the extremes are reduced once,
+    when the component's check reads them. Kept per dtype (a float32 stream, as the ``residual``
+    fix makes, cannot saturate and is not watched).
     """
 
     def __init__(self, blocks: list[nn.Module], gate: Callable[[], bool] = lambda: True) -> None:
         self.blocks = blocks
         self._gate = gate  # whose block calls count: the watching call's, not a sharing pipeline's
-        self._extremes: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._extremes: dict[torch.dtype, list[torch.Tensor]] = {}
 
     def install(self) -> list[RemovableHandle]:
         return [block.register_forward_hook(self._after_block) for block in self.blocks]
@@ -130,20 +138,16 @@ class StreamWatch:
         if not self._gate():
             return
         for tensor in stream_tensors(block, output):
-            if not tensor.numel() or not math.isfinite(saturation_limit(tensor.dtype)):
-                continue
-            low, high = torch.aminmax(tensor.detach())
-            held = self._extremes.get(tensor.dtype)
-            if held is not None:
-                low, high = torch.minimum(held[0], low.to(held[0].device)), torch.maximum(held[1], high)
-            self._extremes[tensor.dtype] = (low, high)
+            if tensor.numel() and math.isfinite(saturation_limit(tensor.dtype)):
+                self._extremes.setdefault(tensor.dtype, []).extend(torch.aminmax(tensor.detach()))
 
     def take(self) -> torch.Tensor | None:
         """The peak saturation ratio since the last ``take`` (``None`` if no block ran), and start afresh."""
-        ratios = [
-            torch.maximum(high, low.neg()).float() / saturation_limit(dtype)
-            for dtype, (low, high) in self._extremes.items()
-        ]
+        ratios = []
+        for dtype, extremes in self._extremes.items():
+            device = extremes[0].device
+            magnitudes = torch.stack([value.to(device) for value in extremes]).abs()
+            ratios.append(magnitudes.amax().float() / saturation_limit(dtype))
         self._extremes = {}
         if not ratios:
             return None
