@@ -4,6 +4,10 @@ A module is converted in place to float32 and wrapped with hooks that cast its f
 inputs to float32 and its outputs back to the caller's dtype, so the rest of the model keeps
 running in its working dtype. Converting float16 or bfloat16 to float32 and back is exact, so
 ``revert()`` restores every parameter and buffer bit for bit, in its own original dtype.
+
+Weights a quantization library manages (GGUF, torchao, quanto, bitsandbytes, diffusers' layerwise
+casting) are never converted: their layers are switched to float32 compute instead
+(``quantized.Float32Compute``), and switched back just as exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .checks import floating_tensors
+from .quantized import Float32Compute, compute_dtype, managed_tensor_ids, quantized_layers
 
 
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
@@ -24,9 +29,15 @@ def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
 
 
 def floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating parameters and buffers the guard may convert: those no quantization library manages."""
     state = dict(module.named_parameters())
     state.update(module.named_buffers())
-    return {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
+    managed = managed_tensor_ids(module)
+    return {
+        name: tensor
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and id(tensor) not in managed
+    }
 
 
 def tensor_bytes(modules: Iterable[nn.Module]) -> int:
@@ -43,8 +54,12 @@ def float32_extra_bytes(module: nn.Module) -> int:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype | None:
-    """The dtype of the first floating parameter or buffer, as diffusers and transformers report it."""
-    return next(iter(t.dtype for t in floating_state(module).values()), None)
+    """The dtype of the first floating parameter or buffer, as diffusers and transformers report it;
+    for a module whose weights a quantization library manages, the dtype its first layer computes in."""
+    dtype = next(iter(t.dtype for t in floating_state(module).values()), None)
+    if dtype is None:
+        dtype = next((d for _, layer, _ in quantized_layers(module) if (d := compute_dtype(layer))), None)
+    return dtype
 
 
 def set_tensor_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
@@ -60,14 +75,17 @@ def set_tensor_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
 class Float32Island:
     """Runs ``module`` in float32 while its callers keep their dtype; ``revert()`` undoes it exactly."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, name: str = "") -> None:
         self.module = module
         self.original_dtypes = {name: t.dtype for name, t in floating_state(module).items()}
         self.original_dtype = module_dtype(module)
         self._caller_dtypes: list[torch.dtype | None] = []
-        for name, dtype in self.original_dtypes.items():
+        # Quantized layers compute in float32 without a converted weight; ``Unsupported`` (a
+        # ValueError naming the layer) before anything changes if one of them cannot.
+        self._compute = Float32Compute(module, name)
+        for tensor_name, dtype in self.original_dtypes.items():
             if dtype != torch.float32:
-                set_tensor_dtype(module, name, torch.float32)
+                set_tensor_dtype(module, tensor_name, torch.float32)
         self._handles = [
             module.register_forward_pre_hook(self._enter, with_kwargs=True),
             module.register_forward_hook(self._leave, with_kwargs=True, always_call=True),
@@ -89,6 +107,7 @@ class Float32Island:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._compute.restore()
         for name, dtype in self.original_dtypes.items():
             if dtype != torch.float32:
                 set_tensor_dtype(self.module, name, dtype)
@@ -127,10 +146,11 @@ def _plan_widening(module: nn.Module, budget: int) -> list[_Widened]:
     """Whole subtrees that fit ``budget`` in float32 at once; larger modules only their own tensors."""
     if float32_extra_bytes(module) <= budget:
         return [_Widened(module, floating_state(module))]
+    managed = managed_tensor_ids(module)
     own = {
         name: t
         for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        if t.is_floating_point()
+        if t.is_floating_point() and id(t) not in managed
     }
     plans = [_Widened(module, own)] if own else []
     for child in module.children():
@@ -138,16 +158,22 @@ def _plan_widening(module: nn.Module, budget: int) -> list[_Widened]:
     return plans
 
 
-def float32_call(module: nn.Module, args: tuple, kwargs: dict, budget: int | None = None) -> Any:
+def float32_call(
+    module: nn.Module, args: tuple, kwargs: dict, budget: int | None = None, name: str = ""
+) -> Any:
     """``module(*args, **kwargs)`` computed in float32, holding at most ~``budget`` extra bytes at a time.
 
     The module's own dtypes are restored exactly afterwards. Without a budget, or when the module
     fits it, the whole module is widened for the call; otherwise each submodule is widened only
     while it runs (the largest subtrees that fit at once), so a float32 reference of a whole
-    component costs one block's worth of memory, not the component's.
+    component costs one block's worth of memory, not the component's. Quantized layers compute in
+    float32 from their dequantized weights for the call (``quantized.Float32Compute``);
+    ``quantized.Unsupported`` (naming it under ``name``, the module's qualified name) for one that
+    cannot.
     """
     plans = _plan_widening(module, budget if budget is not None else float32_extra_bytes(module))
     handles = []
+    compute = Float32Compute(module, name)
     try:
         for plan in plans:
             # First in line, so hooks already there (a fix's dtype adapters) see the float32 weights.
@@ -157,3 +183,4 @@ def float32_call(module: nn.Module, args: tuple, kwargs: dict, budget: int | Non
     finally:
         for handle in handles:
             handle.remove()
+        compute.restore()

@@ -14,6 +14,11 @@ Approximate through GELU or SiLU, whose ``f(x / 2**k) * 2**k`` differs from ``f(
 knee. So every fix is measured before it is kept: the enclosing module's output in the working
 dtype, with the shift, must stay within ``TOLERANCE`` (relative L2) of its float32 output.
 Parameter memory does not change; ``revert()`` restores the original rows bit for bit.
+
+Packed or quantized weights (GGUF, torchao, quanto, bitsandbytes) cannot be shifted: the strategy
+declines, naming the layer. Weights that diffusers' layerwise casting stores in float8 are shifted
+in their storage dtype (by their bits: CPU kernels do not index-copy float8), and the measurement
+decides whether the bits a shift can lose there matter.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from ..hookspecs import hookimpl
 from ..locate import Location, ModuleCall
 from ..options import DEFAULT_TOLERANCE
 from ..plan import check_keys, is_real
-from ..recovery import ModuleLookup
+from ..quantized import Unsupported, shift_blocker
+from ..recovery import Declined, ModuleLookup
 from .upcast import FIT_HEADROOM
 
 # A shifted region's output may differ from its float32 output by this much (relative L2 norm):
@@ -69,7 +75,19 @@ class _Scaled:
 
     def restore(self) -> None:
         with torch.no_grad():
-            self.parameter.index_copy_(self.axis, self.index, self.original)
+            _index_copy(self.parameter, self.axis, self.index, self.original)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _index_copy(parameter: torch.Tensor, axis: int, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``parameter.index_copy_`` by bits for float8 (no CPU kernel), as is for other dtypes."""
+    if parameter.dtype.itemsize == 1 and parameter.is_floating_point():
+        bits = _BITS[parameter.dtype.itemsize]
+        parameter.data.view(bits).index_copy_(axis, index, values.view(bits))
+    else:
+        parameter.index_copy_(axis, index, values)
 
 
 @torch.no_grad()
@@ -80,7 +98,7 @@ def _scale_slices(parameter: torch.Tensor, axis: int, exponents: Shifts) -> _Sca
     factors = torch.tensor([2.0 ** exponents[c] for c in sorted(exponents)], device=parameter.device)
     shape = [1] * parameter.dim()
     shape[axis] = -1
-    parameter.index_copy_(axis, index, (original.float() * factors.view(shape)).to(parameter.dtype))
+    _index_copy(parameter, axis, index, (original.float() * factors.view(shape)).to(parameter.dtype))
     return _Scaled(parameter, axis, index, original)
 
 
@@ -128,7 +146,12 @@ def _compensate_consumer(layer: nn.Module, shifts: Shifts) -> _Scaled:
 
 
 def _non_finite(scaled: list[_Scaled]) -> bool:
-    return any(not torch.isfinite(s.parameter).all() for s in scaled)
+    return any(not _all_finite(s.parameter) for s in scaled)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """``isfinite`` has no CPU kernel for float8: those are checked in float32."""
+    return bool(torch.isfinite(tensor if tensor.dtype.itemsize > 1 else tensor.float()).all())
 
 
 class _RegionTrial:
@@ -183,16 +206,22 @@ class RescaleStrategy:
         producer = location.calls[0]
         if not isinstance(producer.module, _LAYERS) or producer.input_dtype is None:
             return None
+        blocker = shift_blocker(producer.module, producer.name)
+        if blocker is not None:
+            raise Declined(blocker)
         limit = torch.finfo(producer.input_dtype).max / FIT_HEADROOM
-        peaks = self._float32_channel_peaks(producer)
-        if not torch.isfinite(peaks).all():
-            return None
-        for shifts in self._candidate_shifts(peaks, limit):
-            # The component itself is never a region: a float32 run of it is too costly here.
-            for region in location.calls[1:-1]:
-                fix = self._try(producer, region, shifts)
-                if fix is not None:
-                    return fix
+        try:
+            peaks = self._float32_channel_peaks(producer)
+            if not torch.isfinite(peaks).all():
+                return None
+            for shifts in self._candidate_shifts(peaks, limit):
+                # The component itself is never a region: a float32 run of it is too costly here.
+                for region in location.calls[1:-1]:
+                    fix = self._try(producer, region, shifts)
+                    if fix is not None:
+                        return fix
+        except Unsupported as reason:  # a quantized layer in the region cannot run in float32
+            raise Declined(str(reason)) from None
         return None
 
     @staticmethod
@@ -254,6 +283,9 @@ class RescaleStrategy:
             if compensation:
                 if getattr(layer, "groups", 1) != 1:
                     raise _Rejected
+                blocker = shift_blocker(layer, name)
+                if blocker is not None:  # the shift cannot be undone where it is consumed
+                    raise Declined(blocker)
                 return name, layer, compensation
         return None
 
@@ -299,6 +331,9 @@ def _planned(module_name: str, params: Mapping[str, Any], modules: ModuleLookup)
         raise ValueError(
             f"rescale shifts Linear or convolution layers; {module_name} is {type(producer).__name__}."
         )
+    blocker = shift_blocker(producer, module_name)
+    if blocker is not None:
+        raise ValueError(f"{blocker}.")
     shifts = _parse_shifts(params["producer_shifts"], producer, 0, "producer_shifts", module_name)
     named = params.get("consumer_shifts", {})
     if not isinstance(named, Mapping):
@@ -315,6 +350,9 @@ def _planned(module_name: str, params: Mapping[str, Any], modules: ModuleLookup)
         if layer is producer or not isinstance(layer, _LAYERS) or getattr(layer, "groups", 1) != 1:
             kind = "the producer itself" if layer is producer else type(layer).__name__
             raise ValueError(f"`{field}`: a consumer is another Linear or ungrouped convolution, not {kind}.")
+        blocker = shift_blocker(layer, name)
+        if blocker is not None:
+            raise ValueError(f"`{field}`: {blocker}.")
         consumers[name] = (layer, _parse_shifts(pairs, layer, 1, field, name))
     channels = producer.weight.shape[0]
     # Without a consumer the shift reaches the output: exact only when a normalisation divides it
@@ -375,9 +413,9 @@ def _check_representable(
     factors = torch.tensor([2.0 ** exponents[c] for c in order], device=tensor.device).view(shape)
     shifted = (original.float() * factors).to(tensor.dtype)
     info = torch.finfo(tensor.dtype)
-    if not torch.isfinite(shifted).all():
+    if not _all_finite(shifted):
         raise ValueError(f"`{field}`: the shift takes weights of {module_name} past {tensor.dtype}'s max.")
-    if ((shifted == 0) & (original.abs() >= info.tiny)).any():
+    if ((shifted == 0) & (original.float().abs() >= info.tiny)).any():
         raise ValueError(f"`{field}`: the shift flushes weights of {module_name} to zero in {tensor.dtype}.")
 
 

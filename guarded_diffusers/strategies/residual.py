@@ -14,6 +14,12 @@ Every other Linear or convolution of the component casts a float32 input to its 
 so the matmuls stay float16 on normalised inputs. Where a layer reads the stream before any
 normalisation, that cast overflows, the guard sees it at once ("not held") and the next strategy
 tries. Parameter memory does not change; ``revert()`` removes the hooks.
+
+Quantized layers (GGUF, torchao, quanto, bitsandbytes, diffusers' layerwise casting) keep their
+own way of computing: the producer's scaled-down matmul goes through the layer's own ``forward``
+(its library dequantizes or casts as usual), and its bias, added there in the compute dtype, is
+taken off and added again in float32. Other layers cast a float32 stream to the dtype they compute
+in, not to their stored weight's (packed bytes or float8 storage).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import in_guarded_call
 from ..hookspecs import hookimpl
 from ..locate import Location
+from ..quantized import compute_dtype, kind
 from ..recovery import Declined, ModuleLookup
 from .hooks import HookFix
 from .upcast import FIT_HEADROOM
@@ -50,39 +58,44 @@ class ResidualFix(HookFix):
 
 
 def _cast_to_weight_dtype(layer: nn.Module, args: tuple) -> tuple | None:
-    """A float32 stream reaching a float16 layer: hand it the layer's dtype, as the model expects."""
+    """A float32 stream reaching a float16 layer: hand it the dtype the layer computes in, as the
+    model expects (its weight's, or its quantization library's compute dtype)."""
     if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
-    weight = getattr(layer, "weight", None)
-    if (
-        not isinstance(weight, torch.Tensor)
-        or not weight.is_floating_point()
-        or weight.dtype == args[0].dtype
-    ):
+    dtype = compute_dtype(layer)
+    if dtype is None or dtype == args[0].dtype:
         return None
-    return (args[0].to(weight.dtype), *args[1:])
+    return (args[0].to(dtype), *args[1:])
 
 
 def _scaled_float32(layer: nn.Module, x: torch.Tensor, exponent: int) -> torch.Tensor:
     """``layer(x)`` in float32: the matmul in the layer's dtype on ``x * 2**-exponent`` (exact), then
     scaled back up and the bias added in float32."""
     scaled = x * 2.0**-exponent
-    if isinstance(layer, nn.Linear):
+    bias = layer.bias.float() if layer.bias is not None else None
+    shape = [1] * x.dim()
+    shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
+    if kind(layer) is not None:
+        # The layer's own forward (not ``layer(...)``: its hooks, this fix's among them, stay out),
+        # so its library dequantizes or casts; the bias it added in its compute dtype is taken off.
+        output = layer.forward(scaled).float()
+        if bias is not None:
+            output = output - bias.view(shape)
+    elif isinstance(layer, nn.Linear):
         output = F.linear(scaled, layer.weight).float()
     else:
         output = layer._conv_forward(scaled, layer.weight, None).float()
     output = output * 2.0**exponent
-    if layer.bias is None:
-        return output
-    shape = [1] * output.dim()
-    shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
-    return output + layer.bias.float().view(shape)
+    return output if bias is None else output + bias.view(shape)
 
 
 def _install(component: nn.Module, producer: nn.Module, module_name: str, exponent: int) -> ResidualFix:
-    def float32_output(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def float32_output(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         # Recomputed from the layer's own input (one more matmul of this one layer), so whoever
-        # watches the layer sees its true input and a float32 output.
+        # watches the layer sees its true input and a float32 output. Only in guarded calls: a
+        # plain pipeline sharing the layer keeps diffusers' numbers (and never feeds the casts).
+        if not in_guarded_call():
+            return None
         return _scaled_float32(layer, args[0], exponent)
 
     handles = [producer.register_forward_hook(float32_output)]
@@ -109,12 +122,15 @@ class ResidualStrategy:
         weight = getattr(producer.module, "weight", None)
         if not isinstance(producer.module, _LAYERS) or not isinstance(weight, torch.Tensor):
             return None
-        if not weight.is_floating_point() or torch.finfo(weight.dtype).bits >= 32:
-            raise Declined(f"{producer.name} already computes in {weight.dtype}")
+        dtype = compute_dtype(producer.module)
+        if dtype is None:
+            raise Declined(f"cannot tell in which dtype {producer.name} ({kind(producer.module)}) computes")
+        if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+            raise Declined(f"{producer.name} already computes in {dtype}")
         if location.absmax is None or not math.isfinite(location.absmax):
             raise Declined(f"{producer.name} is non-finite in float32 too: not a range overflow")
         component = location.calls[-1]
-        exponent = _exponent(location.absmax, weight.dtype)
+        exponent = _exponent(location.absmax, dtype)
         return _install(component.module, producer.module, producer.name, exponent)
 
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> ResidualFix:
@@ -124,11 +140,16 @@ class ResidualStrategy:
             raise ValueError(
                 f"residual changes a Linear or convolution; {module_name} is {type(producer).__name__}."
             )
-        largest = math.floor(math.log2(torch.finfo(weight.dtype).max)) if weight.is_floating_point() else 0
+        dtype = compute_dtype(producer)
+        largest = (
+            math.floor(math.log2(torch.finfo(dtype).max))
+            if dtype is not None and dtype.is_floating_point
+            else 0
+        )
         exponent = params.get("exponent")
         if isinstance(exponent, bool) or not isinstance(exponent, int) or not 1 <= exponent <= largest:
             raise ValueError(
-                f"residual needs an integer `exponent` in 1..{largest} for {weight.dtype}, got {exponent!r}."
+                f"residual needs an integer `exponent` in 1..{largest} for {dtype}, got {exponent!r}."
             )
         component = modules(module_name.split(".", 1)[0])
         return _install(component, producer, module_name, exponent)

@@ -6,6 +6,11 @@ later steps) becomes a float32 island, and everything else keeps running in floa
 search reaches the component itself, the whole component is upcast and the guard's recompute
 decides whether that is enough. An island the guard's memory budget cannot hold is never made:
 the strategy declines, and cheaper strategies try.
+
+Quantized layers inside an island (GGUF, torchao, quanto, bitsandbytes, diffusers' layerwise
+casting) compute in float32 from their dequantized weights, their stored weights untouched
+(``quantized.Float32Compute``); a layer the guard does not know how to compute in float32 makes
+the strategy decline, naming it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..checks import host_absmax
 from ..hookspecs import hookimpl
 from ..locate import Location
 from ..plan import check_keys, is_real
+from ..quantized import Unsupported
 from ..recovery import Declined, ModuleLookup
 
 # An island's float32 output must fit under the caller dtype's maximum divided by this, so that
@@ -56,6 +62,14 @@ def _check_affordable(name: str, module: torch.nn.Module, location: Location) ->
         )
 
 
+def _island(name: str, module: torch.nn.Module) -> Float32Island:
+    """A float32 island on ``module``; ``Declined`` if a quantized layer in it cannot compute in float32."""
+    try:
+        return Float32Island(module, name)
+    except Unsupported as reason:
+        raise Declined(str(reason)) from None
+
+
 def _fits(peak: float, dtype: torch.dtype) -> bool:
     return math.isfinite(peak) and peak <= torch.finfo(dtype).max / FIT_HEADROOM
 
@@ -69,7 +83,7 @@ class UpcastStrategy:
         *enclosing, component = location.calls
         for depth, call in enumerate(enclosing):
             _check_affordable(call.name, call.module, location)  # enclosing modules cost at least as much
-            island = Float32Island(call.module)
+            island = _island(call.name, call.module)
             try:
                 # The diagnosis already measured the overflowing module itself in float32.
                 peak = (
@@ -85,7 +99,7 @@ class UpcastStrategy:
                 return UpcastFix(call.name, island, peak)
             island.revert()
         _check_affordable(component.name, component.module, location)
-        return UpcastFix(component.name, Float32Island(component.module), None)
+        return UpcastFix(component.name, _island(component.name, component.module), None)
 
     def validate(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> None:
         """Check a plan entry, changing nothing: a float32 island, and a peak that is a finite number."""
@@ -100,7 +114,11 @@ class UpcastStrategy:
 
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> UpcastFix:
         self.validate(module_name, params, modules)
-        return UpcastFix(module_name, Float32Island(modules(module_name)), params.get("output_absmax"))
+        try:
+            island = Float32Island(modules(module_name), module_name)
+        except Unsupported as reason:
+            raise ValueError(f"{reason}.") from None
+        return UpcastFix(module_name, island, params.get("output_absmax"))
 
 
 @hookimpl
