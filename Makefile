@@ -9,7 +9,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 
 PY := $(VENV)/bin/python
-# Present once the project is installed; removed with the venv, stale when pyproject.toml changes.
+# Present once the project is installed (BASE) and once with its test-only extras too (STAMP);
+# removed with the venv, stale when pyproject.toml changes. The demo needs only the base: the
+# quantization libraries the tests exercise (torchao, bitsandbytes) print load warnings whenever
+# diffusers is imported beside them.
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 
 .PHONY: venv install demo test lint bench
@@ -19,15 +23,19 @@ venv install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(BASE): pyproject.toml | $(PY)
 	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e .
+	touch $@
+
+$(STAMP): $(BASE)
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
 # Everything below runs offline: no weights or tokenizers are ever downloaded.
 demo test bench: export HF_HUB_OFFLINE := 1
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) -m guarded_diffusers.demo
 
 test: $(STAMP)
