@@ -11,17 +11,21 @@ Each subcommand's module is imported only when it runs, so ``fill`` never loads 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_inputs import UsageError, non_negative, positive_int
+from .cli_inputs import UsageError, in_command_terms, non_negative, positive_int, sequence_length
 from .options import DEFAULT_MAX_EXTRA_MEMORY
 
 DTYPES = ("float16", "bfloat16", "float32")
 SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# The guard's own order (guarded_diffusers.plugins.DEFAULT_STRATEGIES, which imports torch).
+DEFAULT_STRATEGIES = "guidance,upcast,rescale,residual,clamp"
 
 FILL_HELP = """\
 Guarded inpainting: non-finite stages are found and recovered; prints the guard's incidents.
@@ -76,10 +80,10 @@ def _common(parser: argparse.ArgumentParser, dtypes: tuple[str, ...]) -> None:
     )
     parser.add_argument(
         "--max-sequence-length",
-        type=positive_int,
+        type=sequence_length,
         default=512,
         metavar="TOKENS",
-        help="T5 prompt length (default: %(default)s, as Flux dev)",
+        help="T5 prompt length, 1 to 512 (default: %(default)s, as Flux dev)",
     )
     parser.add_argument(
         "--device", choices=DEVICES, default="auto", help="where to run; auto picks cuda if present"
@@ -124,14 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         metavar="LIST",
         help="recovery strategies in order, comma-separated, or 'none' to only detect "
-        "(default: the guard's, upcast,rescale,clamp)",
+        f"(default: the guard's, {DEFAULT_STRATEGIES})",
+    )
+    fill.add_argument(
+        "--max-extra-memory",
+        type=non_negative,
+        default=DEFAULT_MAX_EXTRA_MEMORY,
+        metavar="FRACTION",
+        help=(
+            "parameter bytes the guard's fixes and --plan may add, as a fraction of the pipeline's "
+            "(default: %(default)s); load a scan's plan with the budget it was made for"
+        ),
     )
     fill.add_argument("--seed", type=int, default=0, metavar="N", help="noise seed (default: %(default)s)")
     fill.add_argument(
         "--steps", type=positive_int, default=28, metavar="N", help="denoising steps (default: %(default)s)"
     )
     fill.add_argument(
-        "--guidance", type=float, default=30.0, metavar="SCALE", help="guidance scale (default: %(default)s)"
+        "--guidance",
+        type=non_negative,
+        default=30.0,
+        metavar="SCALE",
+        help="guidance scale, a finite number >= 0 (default: %(default)s)",
     )
     _common(fill, DTYPES)
     fill.set_defaults(run="fill")
@@ -190,14 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_imports() -> Iterator[None]:
+    """No log record below ERROR while the libraries import: installed optional backends (torchao,
+    bitsandbytes) announce on import what they cannot load, which says nothing about this command."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.run == "fill":
-        from .cli_fill import run_fill
-
-        return run_fill(args)
-    from .cli_scan import run_scan_command
-
-    return run_scan_command(args)
+    with _quiet_imports():
+        if args.run == "fill":
+            from .cli_fill import run_fill as run
+        else:
+            from .cli_scan import run_scan_command as run
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except UsageError as error:
-        print(f"fluxguard {args.command}: error: {error}", file=sys.stderr)
+        print(f"fluxguard {args.command}: error: {in_command_terms(str(error))}", file=sys.stderr)
         return 2
 
 

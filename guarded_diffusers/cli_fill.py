@@ -14,10 +14,13 @@ from .cli_inputs import (
     device,
     image_and_mask,
     image_output,
+    in_command_terms,
+    memory_fraction,
     model_folder,
     precision_plan,
     strategy_names,
 )
+from .cli_log import BarStream, guard_lines
 from .demo import quiet
 from .devices import resolve_device
 from .pipeline import GuardedFluxFillPipeline
@@ -82,6 +85,16 @@ def _write_report(report: GuardReport, path: Path | None) -> None:
         path.write_text(report.to_json(indent=2) + "\n", encoding="utf-8")
 
 
+def _check_size(inputs: dict[str, object], args: argparse.Namespace, multiple: int) -> None:
+    """The picture must hold at least one of the model's pixel blocks each way."""
+    width, height = inputs["width"], inputs["height"]
+    if width < multiple or height < multiple:
+        raise UsageError(
+            f"--image {args.image} is {width}x{height} pixels; "
+            f"this model needs at least {multiple} pixels each way"
+        )
+
+
 def run_fill(args: argparse.Namespace) -> int:
     """Check every input, load (or build) the model, fill, write the image; 1 if the guard gave up."""
     if args.model is not None:
@@ -90,8 +103,10 @@ def run_fill(args: argparse.Namespace) -> int:
     output = image_output(args.output)
     plan = precision_plan(args.plan) if args.plan is not None else None
     strategies = strategy_names(args.strategies)
+    budget = memory_fraction(args.max_extra_memory)
     device(args.device)
     quiet()
+    stderr = BarStream(sys.stderr)
     with tempfile.TemporaryDirectory(prefix="fluxguard-bundled-") as scratch:
         model = args.model
         if model is None:
@@ -100,25 +115,31 @@ def run_fill(args: argparse.Namespace) -> int:
             print(f"bundled tiny random Flux Fill model, float16 overflow injected in {module}")
         try:
             pipe = GuardedFluxFillPipeline.from_pretrained(
-                model, dtype=getattr(torch, args.dtype), guard_plan=plan, guard_strategies=strategies
+                model,
+                dtype=getattr(torch, args.dtype),
+                guard_plan=plan,
+                guard_strategies=strategies,
+                guard_max_extra_memory=budget,
             )
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
+        _check_size(inputs, args, pipe.vae_scale_factor * 2)
         pipe.to(resolve_device(args.device))
-        pipe.set_progress_bar_config(disable=False, desc="fill")
+        pipe.set_progress_bar_config(disable=False, desc="fill", file=stderr)
         try:
-            result = pipe(
-                **inputs,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                max_sequence_length=args.max_sequence_length,
-                generator=torch.Generator().manual_seed(args.seed),
-            )
+            with guard_lines(stderr, "fill"):
+                result = pipe(
+                    **inputs,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    max_sequence_length=args.max_sequence_length,
+                    generator=torch.Generator().manual_seed(args.seed),
+                )
         except NonFiniteError as error:
             print(incident_table(error.report))
             _write_report(error.report, args.report)
-            reason = str(error).splitlines()[0]
-            print(f"fluxguard fill: the guard could not recover, no image written: {reason}", file=sys.stderr)
+            reason = in_command_terms(str(error).splitlines()[0])
+            stderr.line(f"fluxguard fill: the guard could not recover, no image written: {reason}")
             return 1
     output.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(output)

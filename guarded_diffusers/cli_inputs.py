@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -12,9 +14,49 @@ from pytest_fluxguard.model_folder import NotAFluxFillModel, weight_variants
 
 from .plan import PrecisionPlan
 
+# FluxFillPipeline's longest T5 prompt (guarded_diffusers.call_checks.MAX_SEQUENCE_LENGTH, which
+# imports torch: the command's --help must not wait for it).
+MAX_SEQUENCE_LENGTH = 512
+# The library's argument names, as the command's options that feed them: an error raised by the
+# library speaks of `guard_strategies`, the command's user typed --strategies.
+OPTION_FOR_ARGUMENT = {
+    "guard_strategies": "--strategies",
+    "guard_plan": "--plan",
+    "guard_max_extra_memory": "--max-extra-memory",
+    "guard_report": "the incident table",
+    "guidance_scale": "--guidance",
+    "num_inference_steps": "--steps",
+    "max_sequence_length": "--max-sequence-length",
+    "mask_image": "--mask",
+    "image": "--image",
+    "prompt": "--prompt",
+    "dtype": "--dtype",
+    "torch_dtype": "--dtype",
+    "generator": "--seed",
+    "height": "the image's height",
+    "width": "the image's width",
+}
+# Bare (unquoted) names are translated too when they cannot be an ordinary word.
+_ARGUMENT = re.compile(
+    r"`(\w+)`|\b(" + "|".join(name for name in OPTION_FOR_ARGUMENT if "_" in name) + r")\b"
+)
+# The weights file each library reads from a model component's folder, before any variant suffix.
+_WEIGHTS_STEM = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+_LEGACY_WEIGHTS_STEM = {"diffusers": "diffusion_pytorch_model", "transformers": "pytorch_model"}
+
 
 class UsageError(Exception):
     """Bad input: the command prints the message on one line and exits with status 2."""
+
+
+def in_command_terms(message: str) -> str:
+    """``message`` from the library with its argument names replaced by the command's options."""
+
+    def option(match: re.Match[str]) -> str:
+        name = match[1] or match[2]
+        return OPTION_FOR_ARGUMENT.get(name, match[0])
+
+    return _ARGUMENT.sub(option, message)
 
 
 def model_folder(path: Path) -> Path:
@@ -25,7 +67,73 @@ def model_folder(path: Path) -> Path:
         weight_variants(path)
     except NotAFluxFillModel as error:
         raise UsageError(f"{path} is not a Flux Fill model: {str(error).rstrip('.')}") from None
+    missing = missing_weights(path)
+    if missing:
+        raise UsageError(f"model folder {path} is incomplete: {missing}")
     return path
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _component_weights(directory: Path, library: str) -> str | None:
+    """What is missing for ``directory`` to hold its model's default weights, or None if nothing is.
+
+    diffusers and transformers read ``<stem>.safetensors``, else its sharded index
+    ``<stem>.safetensors.index.json`` and every shard it lists, else the legacy ``.bin`` files.
+    """
+    stem = _WEIGHTS_STEM[library]
+    legacy = _LEGACY_WEIGHTS_STEM[library]
+    for weights in (f"{stem}.safetensors", f"{legacy}.bin"):
+        if (directory / weights).is_file():
+            return None
+        index_file = directory / f"{weights}.index.json"
+        if index_file.is_file():
+            index = _read_json(index_file)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                return None  # malformed: the library's own error says more than we could
+            shards = sorted({str(shard) for shard in weight_map.values()})
+            absent = [shard for shard in shards if not (directory / shard).is_file()]
+            if absent:
+                more = f" (and {len(absent) - 1} more shards)" if len(absent) > 1 else ""
+                return f"{directory / absent[0]} is missing{more}; {index_file.name} lists it"
+            return None
+    variants = sorted(
+        file.name for file in directory.glob(f"{stem}.*.safetensors") if file.name.count(".") == 2
+    )
+    found = f" (only variant weights: {', '.join(variants)})" if variants else ""
+    return f"{directory / f'{stem}.safetensors'} is missing{found}"
+
+
+def missing_weights(folder: Path) -> str | None:
+    """The first weights file a model component of ``folder`` lacks, named; None when all are there.
+
+    Checked from the file names, before loading: diffusers would name the last file it tried
+    (``diffusion_pytorch_model.bin``), not the ``.safetensors`` file that is missing.
+    """
+    index = _read_json(folder / "model_index.json")
+    if not isinstance(index, dict):
+        return None
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        library = entry[0]
+        if library not in _WEIGHTS_STEM:
+            continue  # an absent optional component ([null, null]) or another library
+        directory = folder / component
+        if not directory.is_dir():
+            return f"{directory} is missing (model_index.json lists {component})"
+        if not (directory / "config.json").is_file():
+            continue  # a scheduler or a tokenizer: no weights
+        missing = _component_weights(directory, library)
+        if missing:
+            return missing
+    return None
 
 
 def read_image(path: Path, option: str, mode: str) -> Image.Image:
@@ -88,13 +196,26 @@ def strategy_names(text: str | None) -> list[str] | None:
     """Names from ``--strategies`` (``none`` turns recovery off), checked against the registered plugins."""
     if text is None:
         return None
-    from .plugins import resolve_strategies  # loads the strategies, hence torch
+    from .plugins import registered_strategies  # loads the strategies, hence torch
 
-    names = [] if text.strip() == "none" else [name.strip() for name in text.split(",") if name.strip()]
+    if text.strip() == "none":
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--strategies {text!r}: name at least one strategy, or none to only detect")
     try:
-        resolve_strategies(names)
-    except ValueError as error:
-        raise UsageError(f"--strategies {text}: {str(error).rstrip('.')}") from None
+        known = registered_strategies()
+    except ValueError as error:  # two plugins register one name
+        raise UsageError(f"--strategies: {in_command_terms(str(error)).rstrip('.')}") from None
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(
+            f"--strategies {text}: unknown strateg{'y' if len(unknown) == 1 else 'ies'} "
+            f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))} (or none to only detect)"
+        )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--strategies {text}: {', '.join(twice)} named more than once")
     return names
 
 
@@ -106,6 +227,28 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
+def sequence_length(text: str) -> int:
+    """argparse type: a T5 prompt length FluxFillPipeline accepts, 1 to 512 tokens."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_SEQUENCE_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of T5 tokens from 1 to {MAX_SEQUENCE_LENGTH}, got {text!r}"
+        )
+    return value
+
+
+def memory_fraction(value: float) -> float:
+    """``--max-extra-memory``: a fraction of the pipeline's parameter bytes, 0 to 1."""
+    if value > 1:
+        raise UsageError(
+            f"--max-extra-memory {value:g}: expected a fraction of the pipeline's parameter bytes, 0 to 1"
+        )
     return value
 
 

@@ -11,7 +11,7 @@ import time
 
 from accelerate import PartialState
 
-from .cli_inputs import UsageError, device, model_folder, output_folder
+from .cli_inputs import UsageError, device, memory_fraction, model_folder, output_folder
 from .demo import quiet
 from .headroom_report import write_report
 from .scan import HeadroomScan
@@ -59,14 +59,6 @@ def summary(scan: HeadroomScan, planned: ScanPlan) -> str:
     return "\n".join(lines)
 
 
-def _fraction(value: float) -> float:
-    if value > 1:
-        raise UsageError(
-            f"--max-extra-memory {value:g}: expected a fraction of the pipeline's parameter bytes, 0 to 1"
-        )
-    return value
-
-
 def run_scan_command(args: argparse.Namespace) -> int:
     """Check the inputs, scan, and (on the main process) write the files and print the summary."""
     request = ScanRequest(
@@ -79,7 +71,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
         max_guidance=args.max_guidance,
         device=device(args.device),
-        max_extra_memory=_fraction(args.max_extra_memory),
+        max_extra_memory=memory_fraction(args.max_extra_memory),
     )
     folder = output_folder(args.out)
     quiet()

@@ -31,11 +31,14 @@ COLUMNS = (
     "",
 )
 
+# Tables fit the page (1200 px and narrower): long module and class names wrap, after a dot where
+# possible (``_breakable``), anywhere else if a single part is still too long.
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; }
+table { border-collapse: collapse; font-size: 13px; max-width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
+td { overflow-wrap: anywhere; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; overflow-wrap: normal; }
 tr.at-risk td { color: #c62828; font-weight: 600; }
 tr.in-span td { background: #fde0e0; }
 code, td.name { font-family: monospace; }
@@ -44,6 +47,11 @@ code, td.name { font-family: monospace; }
 
 def report_json(scan: HeadroomScan, planned: ScanPlan) -> str:
     return json.dumps({**scan.to_dict(), "plan": planned.to_dict()}, indent=2, allow_nan=False) + "\n"
+
+
+def _breakable(name: str) -> str:
+    """``name`` escaped for HTML, with a line-break opportunity after every dot."""
+    return html.escape(name).replace(".", ".<wbr>")
 
 
 def _bits(value: float) -> str:
@@ -63,7 +71,7 @@ def _module_rows(modules: tuple[ModuleHeadroom, ...]) -> str:
         )
         rows.append(
             f'<tr class="{"at-risk" if module.at_risk else "fits"}">'
-            f'<td class="name">{html.escape(module.module)}</td><td>{html.escape(module.module_class)}</td>'
+            f'<td class="name">{_breakable(module.module)}</td><td>{html.escape(module.module_class)}</td>'
             + "".join(f'<td class="number">{number}</td>' for number in numbers)
             + f"<td>{'at risk' if module.at_risk else ''}</td></tr>"
         )
@@ -83,8 +91,8 @@ def _stream_rows(scan: HeadroomScan) -> str:
         )
         rows.append(
             f'<tr class="{"at-risk in-span" if block.block in spans else "fits"}">'
-            f'<td class="name">{html.escape(block.block)}</td>'
-            f'<td class="name">{html.escape(block.owner)}</td>'
+            f'<td class="name">{_breakable(block.block)}</td>'
+            f'<td class="name">{_breakable(block.owner)}</td>'
             f"<td>{html.escape(block.module_class)}</td>"
             f'<td class="number">{block.absmax:.4g}</td><td class="number">{_bits(block.headroom_bits)}</td>'
             f'<td class="number">{block.calls}</td><td>{html.escape(marks)}</td></tr>'
