@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from guarded_diffusers import NonFiniteError
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.testing import INJECTION_SITES, RESIDUAL_SITES, save_tiny_pipeline
 
 MAX_EXTRA_FORWARDS_PER_INCIDENT = 2.0

@@ -34,7 +34,7 @@ import _common
 import torch
 
 from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.testing import INJECTION_SITES, save_tiny_pipeline
 
 # The strategies that fix a located module (``guidance`` declines at every injection site).

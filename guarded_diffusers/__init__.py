@@ -10,31 +10,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .hookspecs import hookimpl
-    from .options import GuardOptions
-    from .pipeline import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
-    from .plan import PrecisionPlan
-    from .plugins import plugin_manager
-    from .recovery import Declined, Fix, RecoveryStrategy
-    from .report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
+    from .core.devices import resolve_device
+    from .core.fidelity import as_displayed, psnr
+    from .core.hookspecs import hookimpl
+    from .core.options import GuardOptions
+    from .core.plan import PrecisionPlan
+    from .core.plugins import plugin_manager
+    from .core.recovery import Declined, Fix, RecoveryStrategy
+    from .core.report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
+    from .pipelines.flux_fill import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "Attempt": "report",
-    "Declined": "recovery",
-    "DegradedFixWarning": "report",
-    "Fix": "recovery",
-    "FixInForce": "report",
-    "GuardOptions": "options",
-    "GuardReport": "report",
-    "GuardedFluxFillPipeline": "pipeline",
-    "GuardedFluxPipelineOutput": "pipeline",
-    "Incident": "report",
-    "NonFiniteError": "report",
-    "PrecisionPlan": "plan",
-    "RecoveryStrategy": "recovery",
-    "hookimpl": "hookspecs",
-    "plugin_manager": "plugins",
+    "Attempt": "core.report",
+    "Declined": "core.recovery",
+    "DegradedFixWarning": "core.report",
+    "Fix": "core.recovery",
+    "FixInForce": "core.report",
+    "GuardOptions": "core.options",
+    "GuardReport": "core.report",
+    "GuardedFluxFillPipeline": "pipelines.flux_fill",
+    "GuardedFluxPipelineOutput": "pipelines.flux_fill",
+    "Incident": "core.report",
+    "NonFiniteError": "core.report",
+    "PrecisionPlan": "core.plan",
+    "RecoveryStrategy": "core.recovery",
+    "as_displayed": "core.fidelity",
+    "hookimpl": "core.hookspecs",
+    "plugin_manager": "core.plugins",
+    "psnr": "core.fidelity",
+    "resolve_device": "core.devices",
 }
 
 __all__ = [
@@ -51,8 +56,11 @@ __all__ = [
     "NonFiniteError",
     "PrecisionPlan",
     "RecoveryStrategy",
+    "as_displayed",
     "hookimpl",
     "plugin_manager",
+    "psnr",
+    "resolve_device",
 ]
 __version__ = "0.1.0"
 

@@ -24,8 +24,8 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 from transformers.utils import logging as transformers_logging
 
-from .fidelity import as_displayed, psnr
-from .pipeline import GuardedFluxFillPipeline
+from .core.fidelity import as_displayed, psnr
+from .pipelines.flux_fill import GuardedFluxFillPipeline
 from .testing import INJECTION_SITES, sample_inputs, save_tiny_pipeline
 
 PANEL_SIZE = 256

@@ -22,7 +22,7 @@ def save_failure(folder: Path, example: FillInputs, images: Any | None) -> list[
     import numpy as np
     from PIL import Image
 
-    from guarded_diffusers.fidelity import as_displayed
+    from guarded_diffusers import as_displayed
 
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.png"):

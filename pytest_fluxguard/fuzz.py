@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 
-from guarded_diffusers import DegradedFixWarning, GuardReport, Incident, NonFiniteError
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers import DegradedFixWarning, GuardReport, Incident, NonFiniteError, psnr
 
 from .artifacts import folder_for, save_failure
 from .assertions import describe_non_finite

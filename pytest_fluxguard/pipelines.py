@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from guarded_diffusers.devices import resolve_device
+from guarded_diffusers import resolve_device
 
 from .options import DTYPES
 

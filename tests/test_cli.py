@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from guarded_diffusers import call_checks, plugins
-from guarded_diffusers.cli import DEFAULT_STRATEGIES, main
-from guarded_diffusers.cli_inputs import MAX_SEQUENCE_LENGTH, OPTION_FOR_ARGUMENT, in_command_terms
-from guarded_diffusers.cli_log import GUARD_LOGGER, BarStream, guard_lines
-from guarded_diffusers.pipeline import GuardedFluxFillPipeline
-from guarded_diffusers.plan import PlanEntry, PrecisionPlan
+from guarded_diffusers.cli.inputs import MAX_SEQUENCE_LENGTH, OPTION_FOR_ARGUMENT, in_command_terms
+from guarded_diffusers.cli.log import GUARD_LOGGER, BarStream, guard_lines
+from guarded_diffusers.cli.main import DEFAULT_STRATEGIES, main
+from guarded_diffusers.core import plugins
+from guarded_diffusers.core.plan import PlanEntry, PrecisionPlan
+from guarded_diffusers.pipelines import call_checks
+from guarded_diffusers.pipelines.flux_fill import GuardedFluxFillPipeline
 from guarded_diffusers.testing import sample_inputs
 
 FAST = ["--steps", "2", "--max-sequence-length", "32"]
@@ -226,7 +227,7 @@ def test_console_script_refuses_bad_input_without_traceback(tmp_path: Path) -> N
 def test_help_imports_neither_torch_nor_diffusers() -> None:
     """``fluxguard --help`` answers at once: the heavy libraries load only when a command runs."""
     probe = (
-        "import sys; from guarded_diffusers.cli import main; main(['--help']); "
+        "import sys; from guarded_diffusers.cli.main import main; main(['--help']); "
         "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); "
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guarded_diffusers.cli import main
+from guarded_diffusers.cli.main import main
 
 SCAN = [
     "--samples",

@@ -22,11 +22,10 @@ from diffusers import FluxFillPipeline
 from PIL import Image
 
 from guarded_diffusers import GuardedFluxFillPipeline
-from guarded_diffusers.casting import tensor_bytes
-from guarded_diffusers.cli import main
-from guarded_diffusers.headroom_chart import block_bars, block_of, png_chart, svg_chart
-from guarded_diffusers.samples import draw_samples
-from guarded_diffusers.scan import (
+from guarded_diffusers.cli.main import main
+from guarded_diffusers.core.casting import tensor_bytes
+from guarded_diffusers.scan.chart import block_bars, block_of, png_chart, svg_chart
+from guarded_diffusers.scan.headroom import (
     VERSION,
     AbsmaxRecorder,
     HeadroomScan,
@@ -35,7 +34,8 @@ from guarded_diffusers.scan import (
     merge,
     stream_spans,
 )
-from guarded_diffusers.scan_plan import plan_from_scan, plan_scan
+from guarded_diffusers.scan.plan import plan_from_scan, plan_scan
+from guarded_diffusers.scan.samples import draw_samples
 from guarded_diffusers.testing import INJECTION_SITES, RESIDUAL_SITES, sample_inputs
 
 SAMPLING = ["--max-size", "16", "--max-steps", "2", "--max-sequence-length", "32"]

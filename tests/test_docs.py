@@ -44,10 +44,10 @@ from sybil import Example, Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 
-from guarded_diffusers.cli import build_parser
-from guarded_diffusers.plan import PrecisionPlan
-from guarded_diffusers.plugins import plugin_manager
-from guarded_diffusers.report import Attempt, FixInForce, Incident
+from guarded_diffusers.cli.main import build_parser
+from guarded_diffusers.core.plan import PrecisionPlan
+from guarded_diffusers.core.plugins import plugin_manager
+from guarded_diffusers.core.report import Attempt, FixInForce, Incident
 from guarded_diffusers.testing import sample_inputs
 
 pytest_plugins = ["pytester"]

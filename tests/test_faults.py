@@ -11,8 +11,8 @@ from conftest import all_finite, fill, hook_count, load, state_snapshot
 from torch.utils import _pytree as pytree
 
 from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
-from guarded_diffusers.casting import set_tensor_dtype
-from guarded_diffusers.settle import MAX_ATTEMPTS_PER_INCIDENT
+from guarded_diffusers.core.casting import set_tensor_dtype
+from guarded_diffusers.core.settle import MAX_ATTEMPTS_PER_INCIDENT
 from guarded_diffusers.strategies import UpcastStrategy
 
 SITE = "single_block_mlp"

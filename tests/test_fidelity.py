@@ -11,8 +11,8 @@ from conftest import all_finite, fill, hook_count, load, state_snapshot
 from diffusers import FluxFillPipeline
 
 from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline, NonFiniteError
-from guarded_diffusers.casting import Float32Island, float32_extra_bytes, tensor_bytes
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.core.casting import Float32Island, float32_extra_bytes, tensor_bytes
+from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.strategies.upcast import UpcastFix
 from guarded_diffusers.testing import inject_overflow, tiny_flux_fill_pipeline
 

@@ -14,7 +14,7 @@ from diffusers import FluxFillPipeline
 from PIL import Image
 
 from guarded_diffusers import GuardedFluxFillPipeline
-from guarded_diffusers.call_checks import validate_call_arguments
+from guarded_diffusers.pipelines.call_checks import validate_call_arguments
 from guarded_diffusers.testing import sample_inputs
 
 

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from guarded_diffusers.casting import Float32Island
-from guarded_diffusers.checks import absmax_on_device, host_absmax
-from guarded_diffusers.locate import locate_first_overflow
+from guarded_diffusers.core.casting import Float32Island
+from guarded_diffusers.core.checks import absmax_on_device, host_absmax
+from guarded_diffusers.core.locate import locate_first_overflow
 from guarded_diffusers.strategies.upcast import UpcastStrategy
 
 

@@ -27,9 +27,9 @@ from conftest import fill, hook_count, load, state_snapshot
 from diffusers import FluxFillPipeline
 
 from guarded_diffusers import GuardedFluxFillPipeline
-from guarded_diffusers.fidelity import psnr
-from guarded_diffusers.lora_lifecycle import last_outcomes
-from guarded_diffusers.report import DegradedFixWarning
+from guarded_diffusers.core.fidelity import psnr
+from guarded_diffusers.core.report import DegradedFixWarning
+from guarded_diffusers.pipelines.lora_lifecycle import last_outcomes
 from guarded_diffusers.testing import inject_overflow, tiny_flux_fill_pipeline
 
 peft = pytest.importorskip("peft")
@@ -257,7 +257,7 @@ def test_fuse_after_a_shift_then_reset_reports_the_overflow_again(saved_model, l
     assert report.incidents and all(incident.recovered for incident in report.incidents)
 
 
-@pytest.mark.filterwarnings("ignore::guarded_diffusers.report.DegradedFixWarning")  # proj_out
+@pytest.mark.filterwarnings("ignore::guarded_diffusers.core.report.DegradedFixWarning")  # proj_out
 def test_a_hook_fix_follows_its_layer_into_and_out_of_a_lora_layer(saved_model, tmp_path):
     """residual hooks plain Linears: on a LoRA layer it moves to ``base_layer``, stays through a fuse (it
     holds no weight), and goes back to the plain layer after unloading."""

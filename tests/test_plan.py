@@ -10,7 +10,7 @@ import torch
 from conftest import fill, hook_count, load, state_snapshot
 
 from guarded_diffusers import GuardedFluxFillPipeline, PrecisionPlan, hookimpl, plugin_manager
-from guarded_diffusers.plan import FORMAT, PlanEntry
+from guarded_diffusers.core.plan import FORMAT, PlanEntry
 
 
 def _run_and_save_plan(folder, strategy, path):

@@ -11,8 +11,8 @@ import torch
 from conftest import all_finite, fill, load
 
 from guarded_diffusers import GuardedFluxFillPipeline, hookimpl, plugin_manager
-from guarded_diffusers.casting import Float32Island
-from guarded_diffusers.plugins import DISABLE_AUTOLOAD_ENV, registered_strategies, resolve_strategies
+from guarded_diffusers.core.casting import Float32Island
+from guarded_diffusers.core.plugins import DISABLE_AUTOLOAD_ENV, registered_strategies, resolve_strategies
 from guarded_diffusers.strategies.upcast import UpcastFix
 
 

@@ -22,10 +22,10 @@ from diffusers import FluxFillPipeline, FluxTransformer2DModel
 from torch import nn
 
 from guarded_diffusers import GuardedFluxFillPipeline, NonFiniteError
-from guarded_diffusers.casting import float32_call
-from guarded_diffusers.fidelity import psnr
-from guarded_diffusers.plugins import resolve_strategies
-from guarded_diffusers.quantized import compute_dtype, kind, quantized_layers
+from guarded_diffusers.core.casting import float32_call
+from guarded_diffusers.core.fidelity import psnr
+from guarded_diffusers.core.plugins import resolve_strategies
+from guarded_diffusers.core.quantized import compute_dtype, kind, quantized_layers
 from guarded_diffusers.testing import tiny_flux_fill_pipeline
 
 STEPS = 1  # the overflow and its recovery happen at the first step; later ones only reuse the fix

@@ -11,9 +11,9 @@ from conftest import all_finite, count_calls, fill, hook_count, load, state_snap
 from diffusers import DiffusionPipeline, FluxFillPipeline
 
 from guarded_diffusers import GuardedFluxFillPipeline, GuardedFluxPipelineOutput, NonFiniteError
-from guarded_diffusers.casting import Float32Island
-from guarded_diffusers.fidelity import psnr
-from guarded_diffusers.measure import encloses
+from guarded_diffusers.core.casting import Float32Island
+from guarded_diffusers.core.fidelity import psnr
+from guarded_diffusers.core.measure import encloses
 from guarded_diffusers.strategies.upcast import UpcastFix
 from guarded_diffusers.testing import INJECTION_SITES, inject_overflow, tiny_flux_fill_pipeline
 

@@ -12,10 +12,10 @@ from conftest import STEPS, all_finite, count_calls, fill, hook_count, load, sta
 from diffusers import FluxFillPipeline
 
 from guarded_diffusers import GuardedFluxFillPipeline
-from guarded_diffusers.casting import tensor_bytes
-from guarded_diffusers.fidelity import psnr
-from guarded_diffusers.measure import encloses
-from guarded_diffusers.stream import residual_blocks
+from guarded_diffusers.core.casting import tensor_bytes
+from guarded_diffusers.core.fidelity import psnr
+from guarded_diffusers.core.measure import encloses
+from guarded_diffusers.core.stream import residual_blocks
 from guarded_diffusers.testing import (
     RESIDUAL_SITES,
     SILENTLY_CLIPPED_SITES,

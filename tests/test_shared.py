@@ -13,7 +13,7 @@ from conftest import all_finite, fill, load
 from diffusers import FluxFillPipeline
 
 from guarded_diffusers import GuardedFluxFillPipeline
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.core.fidelity import psnr
 
 CLEAN_GUIDANCE, OVERFLOWING_GUIDANCE = 30.0, 100.0  # 100 x 1000 overflows float16 in the transformer
 SEEDS = (0, 1)

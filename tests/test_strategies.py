@@ -10,8 +10,8 @@ from conftest import all_finite, fill, hook_count, load, state_snapshot
 from diffusers import FluxFillPipeline
 
 from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline, NonFiniteError
-from guarded_diffusers.fidelity import psnr
-from guarded_diffusers.plugins import DEFAULT_STRATEGIES
+from guarded_diffusers.core.fidelity import psnr
+from guarded_diffusers.core.plugins import DEFAULT_STRATEGIES
 from guarded_diffusers.strategies.clamp import ClampStrategy, saturate
 from guarded_diffusers.testing import INJECTION_SITES
 

@@ -9,7 +9,7 @@ import torch
 from conftest import all_finite, fill, load
 from diffusers import FluxFillPipeline
 
-from guarded_diffusers.fidelity import psnr
+from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.testing import (
     INJECTION_SITES,
     RESIDUAL_SITES,

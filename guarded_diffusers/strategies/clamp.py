@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..casting import module_dtype
-from ..context import in_guarded_call
-from ..hookspecs import hookimpl
-from ..locate import Location
-from ..plan import check_keys, is_real
-from ..recovery import ModuleLookup
+from ..core.casting import module_dtype
+from ..core.context import in_guarded_call
+from ..core.hookspecs import hookimpl
+from ..core.locate import Location
+from ..core.plan import check_keys, is_real
+from ..core.recovery import ModuleLookup
 from .hooks import HookFix
 
 # Saturate at this fraction of the dtype's maximum, leaving room for the residual additions

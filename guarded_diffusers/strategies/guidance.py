@@ -22,11 +22,11 @@ import torch
 from diffusers.models.embeddings import CombinedTimestepGuidanceTextProjEmbeddings
 from torch import nn
 
-from ..checks import host_absmax
-from ..context import in_guarded_call
-from ..hookspecs import hookimpl
-from ..locate import Location
-from ..recovery import ModuleLookup
+from ..core.checks import host_absmax
+from ..core.context import in_guarded_call
+from ..core.hookspecs import hookimpl
+from ..core.locate import Location
+from ..core.recovery import ModuleLookup
 from .hooks import HookFix
 
 # What FluxTransformer2DModel.forward multiplies the timestep and the guidance by.

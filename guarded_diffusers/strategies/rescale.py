@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..casting import Float32Island
-from ..fidelity import relative_l2
-from ..hookspecs import hookimpl
-from ..locate import Location, ModuleCall
-from ..options import DEFAULT_TOLERANCE
-from ..plan import check_keys, is_real
-from ..quantized import Unsupported, shift_blocker
-from ..recovery import Declined, ModuleLookup
+from ..core.casting import Float32Island
+from ..core.fidelity import relative_l2
+from ..core.hookspecs import hookimpl
+from ..core.locate import Location, ModuleCall
+from ..core.options import DEFAULT_TOLERANCE
+from ..core.plan import check_keys, is_real
+from ..core.quantized import Unsupported, shift_blocker
+from ..core.recovery import Declined, ModuleLookup
 from .upcast import FIT_HEADROOM
 
 # A shifted region's output may differ from its float32 output by this much (relative L2 norm):

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import in_guarded_call
-from ..hookspecs import hookimpl
-from ..locate import Location
-from ..quantized import compute_dtype, kind
-from ..recovery import Declined, ModuleLookup
+from ..core.context import in_guarded_call
+from ..core.hookspecs import hookimpl
+from ..core.locate import Location
+from ..core.quantized import compute_dtype, kind
+from ..core.recovery import Declined, ModuleLookup
 from .hooks import HookFix
 from .upcast import FIT_HEADROOM
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from ..casting import Float32Island, float32_extra_bytes
-from ..checks import host_absmax
-from ..hookspecs import hookimpl
-from ..locate import Location
-from ..plan import check_keys, is_real
-from ..quantized import Unsupported
-from ..recovery import Declined, ModuleLookup
+from ..core.casting import Float32Island, float32_extra_bytes
+from ..core.checks import host_absmax
+from ..core.hookspecs import hookimpl
+from ..core.locate import Location
+from ..core.plan import check_keys, is_real
+from ..core.quantized import Unsupported
+from ..core.recovery import Declined, ModuleLookup
 
 # An island's float32 output must fit under the caller dtype's maximum divided by this, so that
 # the next denoising steps, with other inputs, do not overflow at its boundary.

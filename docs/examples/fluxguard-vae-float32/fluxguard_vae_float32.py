@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from guarded_diffusers import Declined, hookimpl
-from guarded_diffusers.casting import Float32Island, float32_extra_bytes
+from guarded_diffusers.core.casting import Float32Island, float32_extra_bytes
 
 NAME = "vae-float32"
 

@@ -12,9 +12,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pytest_fluxguard.model_folder import NotAFluxFillModel, weight_variants
 
-from .plan import PrecisionPlan
+from ..core.plan import PrecisionPlan
 
-# FluxFillPipeline's longest T5 prompt (guarded_diffusers.call_checks.MAX_SEQUENCE_LENGTH, which
+# FluxFillPipeline's longest T5 prompt (guarded_diffusers.pipelines.call_checks.MAX_SEQUENCE_LENGTH, which
 # imports torch: the command's --help must not wait for it).
 MAX_SEQUENCE_LENGTH = 512
 # The library's argument names, as the command's options that feed them: an error raised by the
@@ -196,7 +196,7 @@ def strategy_names(text: str | None) -> list[str] | None:
     """Names from ``--strategies`` (``none`` turns recovery off), checked against the registered plugins."""
     if text is None:
         return None
-    from .plugins import registered_strategies  # loads the strategies, hence torch
+    from ..core.plugins import registered_strategies  # loads the strategies, hence torch
 
     if text.strip() == "none":
         return []

@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 from diffusers.utils import logging
 from torch import nn
 
-from .plan import PlanEntry, PrecisionPlan
+from ..core.plan import PlanEntry, PrecisionPlan
 
 logger = logging.get_logger(f"diffusers.{__name__}")
 

@@ -18,13 +18,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_inputs import UsageError, in_command_terms, non_negative, positive_int, sequence_length
-from .options import DEFAULT_MAX_EXTRA_MEMORY
+from ..core.options import DEFAULT_MAX_EXTRA_MEMORY
+from .inputs import UsageError, in_command_terms, non_negative, positive_int, sequence_length
 
 DTYPES = ("float16", "bfloat16", "float32")
 SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# The guard's own order (guarded_diffusers.plugins.DEFAULT_STRATEGIES, which imports torch).
+# The guard's own order (guarded_diffusers.core.plugins.DEFAULT_STRATEGIES, which imports torch).
 DEFAULT_STRATEGIES = "guidance,upcast,rescale,residual,clamp"
 
 FILL_HELP = """\
@@ -222,9 +222,9 @@ def _quiet_imports() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     with _quiet_imports():
         if args.run == "fill":
-            from .cli_fill import run_fill as run
+            from .fill import run_fill as run
         else:
-            from .cli_scan import run_scan_command as run
+            from .scan import run_scan_command as run
     return run(args)
 
 
@@ -242,7 +242,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"fluxguard {args.command}: error: {in_command_terms(str(error))}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,9 +17,9 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from diffusers import FluxFillPipeline
 from tqdm.auto import tqdm
 
-from .options import DEFAULT_MAX_EXTRA_MEMORY
+from ..core.options import DEFAULT_MAX_EXTRA_MEMORY
+from .headroom import AbsmaxRecorder, HeadroomScan, SampleRecord, merge
 from .samples import draw_samples
-from .scan import AbsmaxRecorder, HeadroomScan, SampleRecord, merge
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,11 @@ import math
 import re
 from typing import Any
 
-from .measure import encloses
-from .plan import PlanEntry, PrecisionPlan
-from .scan import HeadroomScan, ModuleHeadroom
-from .strategies.guidance import EMBEDDING_SCALE
-from .strategies.upcast import FIT_HEADROOM
+from ..core.measure import encloses
+from ..core.plan import PlanEntry, PrecisionPlan
+from ..strategies.guidance import EMBEDDING_SCALE
+from ..strategies.upcast import FIT_HEADROOM
+from .headroom import HeadroomScan, ModuleHeadroom
 
 GUIDANCE_EMBEDDER = "CombinedTimestepGuidanceTextProjEmbeddings"
 # The residual strategy scales the layer's input so its result fits with this much room.

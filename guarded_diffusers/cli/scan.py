@@ -11,12 +11,12 @@ import time
 
 from accelerate import PartialState
 
-from .cli_inputs import UsageError, device, memory_fraction, model_folder, output_folder
-from .demo import quiet
-from .headroom_report import write_report
-from .scan import HeadroomScan
-from .scan_plan import ScanPlan, plan_scan
-from .scan_run import ScanRequest, SizeTooSmall, run_scan
+from ..demo import quiet
+from ..scan.headroom import HeadroomScan
+from ..scan.plan import ScanPlan, plan_scan
+from ..scan.report import write_report
+from ..scan.run import ScanRequest, SizeTooSmall, run_scan
+from .inputs import UsageError, device, memory_fraction, model_folder, output_folder
 
 SHOWN_MODULES = 5
 

@@ -16,8 +16,8 @@ import re
 
 from PIL import Image, ImageDraw
 
-from .demo import caption_font
-from .scan import COMPONENTS, HeadroomScan
+from ..demo import caption_font
+from .headroom import COMPONENTS, HeadroomScan
 
 BAR_HEIGHT = 16
 ROW_HEIGHT = 22

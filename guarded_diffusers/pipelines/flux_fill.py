@@ -22,15 +22,15 @@ from diffusers import FluxFillPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from typing_extensions import Self
 
+from ..core.casting import set_tensor_dtype
+from ..core.checks import validate_finite_inputs
+from ..core.guard import Guard
+from ..core.options import Fidelity, GuardOptions
+from ..core.plan import PrecisionPlan
+from ..core.plugins import registered_strategies, resolve_strategies
+from ..core.report import GuardReport
 from .call_checks import check_dtype_arguments, validate_call_arguments
-from .casting import set_tensor_dtype
-from .checks import validate_finite_inputs
-from .guard import Guard
 from .lora_lifecycle import adopt_components, lifts_fixes_around_lora
-from .options import Fidelity, GuardOptions
-from .plan import PrecisionPlan
-from .plugins import registered_strategies, resolve_strategies
-from .report import GuardReport
 
 # User-supplied tensors that must be finite before any model runs.
 _CHECKED_INPUTS = (

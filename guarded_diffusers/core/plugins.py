@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import pluggy
 
+from ..strategies import clamp, guidance, rescale, residual, upcast
 from . import hookspecs
 from .recovery import RecoveryStrategy
-from .strategies import clamp, guidance, rescale, residual, upcast
 
 ENTRY_POINT_GROUP = "guarded_diffusers"
 DISABLE_AUTOLOAD_ENV = "GUARDED_DIFFUSERS_DISABLE_PLUGIN_AUTOLOAD"

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import absmax_on_device, floating_tensors
-from .stream import residual_blocks, saturation_limit, stream_tensors
+from ..core.checks import absmax_on_device, floating_tensors
+from ..core.stream import residual_blocks, saturation_limit, stream_tensors
 
 # The pipeline components with weights; modules are named "component.path" as in the guard's reports.
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "transformer")

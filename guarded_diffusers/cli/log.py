@@ -18,9 +18,9 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-from .cli_inputs import in_command_terms
+from .inputs import in_command_terms
 
-# Every logger of this package lives under diffusers' (guard.py: ``diffusers.guarded_diffusers.guard``).
+# Every logger of this package lives under diffusers' (guard.py: ``diffusers.guarded_diffusers.core.guard``).
 GUARD_LOGGER = "diffusers.guarded_diffusers"
 
 

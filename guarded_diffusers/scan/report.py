@@ -15,9 +15,9 @@ import json
 import math
 from pathlib import Path
 
-from .headroom_chart import png_chart, svg_chart
-from .scan import HeadroomScan, ModuleHeadroom
-from .scan_plan import ScanPlan
+from .chart import png_chart, svg_chart
+from .headroom import HeadroomScan, ModuleHeadroom
+from .plan import ScanPlan
 
 REPORT_FILES = ("report.json", "plan.json", "report.html", "headroom.png")
 COLUMNS = (

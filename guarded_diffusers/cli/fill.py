@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .cli_inputs import (
+from ..core.devices import resolve_device
+from ..core.report import GuardReport, NonFiniteError
+from ..demo import quiet
+from ..pipelines.flux_fill import GuardedFluxFillPipeline
+from ..testing import sample_inputs, save_tiny_pipeline
+from .inputs import (
     UsageError,
     device,
     image_and_mask,
@@ -20,12 +25,7 @@ from .cli_inputs import (
     precision_plan,
     strategy_names,
 )
-from .cli_log import BarStream, guard_lines
-from .demo import quiet
-from .devices import resolve_device
-from .pipeline import GuardedFluxFillPipeline
-from .report import GuardReport, NonFiniteError
-from .testing import sample_inputs, save_tiny_pipeline
+from .log import BarStream, guard_lines
 
 # The bundled model: tiny, random, built on the fly, with a float16 overflow for the guard to catch.
 BUNDLED_SITE = "single_block_mlp"

@@ -1,0 +1,1 @@
+"""The pipeline-agnostic guard: stages, checks, locate, casting, state, report, plans, plugins."""

@@ -1,0 +1,1 @@
+"""Guarded pipeline classes and what they add to diffusers' pipelines."""

@@ -1,0 +1,1 @@
+"""The headroom scan: run samples, measure each module's peak, write a precision plan and report."""
