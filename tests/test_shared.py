@@ -80,3 +80,75 @@ def test_forty_mixed_requests_from_two_threads(shared):
     assert [len(report.incidents) for report in reports] == [0, 1] + [0] * 18  # fixed once, then held
     assert not all_finite(together["plain"][1].images)  # plain diffusers, as it is: black at guidance 100
     guarded.guard.reset()
+
+
+def first_transformer_inputs(pipe):
+    """One fill; returns the keyword arguments of the transformer's first call, for direct forwards."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs) if not seen else None, with_kwargs=True
+    )
+    try:
+        quiet_fill(pipe, 0, CLEAN_GUIDANCE)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def raw(tensor):
+    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("strategy", ["upcast", "rescale"])
+def test_a_fix_applied_and_reverted_never_shows_a_concurrent_forward_a_half_made_module(
+    saved_model, strategy
+):
+    """While one thread applies and reverts a weight-changing fix again and again, another runs the
+    shared transformer as plain diffusers: each output is bit for bit the unfixed or the fixed one
+    (a forward between a producer's shift and its consumer's, or between two tensors' float32
+    conversions, would give a third output or raise a dtype mismatch)."""
+    folder, _ = saved_model("single_block_mlp")
+    pipe = load(GuardedFluxFillPipeline, folder, torch.float16, guard_max_extra_memory=1.0)
+    pipe.guard.strategies = [s for s in pipe.guard.strategies if s.name == strategy]
+    inputs = first_transformer_inputs(pipe)  # it overflows at proj_mlp: the guard fixes it
+    plan = pipe.guard.plan()
+    assert [entry.strategy for entry in plan.entries] == [strategy]
+    pipe.guard.reset()
+    with torch.no_grad():
+        unfixed = raw(pipe.transformer(**inputs)[0])
+        pipe.guard.apply_plan(plan)
+        fixed = raw(pipe.transformer(**inputs)[0])
+        pipe.guard.reset()
+    assert fixed != unfixed
+
+    def serve():
+        outputs = []
+        with torch.no_grad():
+            for _ in range(150):
+                try:
+                    outputs.append(raw(pipe.transformer(**inputs)[0]))
+                except RuntimeError as error:  # a dtype mismatch inside a half-converted module
+                    outputs.append(str(error))
+        return outputs
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        served = pool.submit(serve)
+        toggles = 0
+        while not served.done():
+            pipe.guard.apply_plan(plan)
+            pipe.guard.reset()
+            toggles += 1
+        outputs = served.result()
+
+    assert toggles > 10
+    seen = {
+        "unfixed"
+        if out == unfixed
+        else "fixed"
+        if out == fixed
+        else out
+        if isinstance(out, str)
+        else "a third"
+        for out in outputs
+    }
+    assert seen <= {"unfixed", "fixed"}

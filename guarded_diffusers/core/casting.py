@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .checks import floating_tensors
+from .gate import exclusive
 from .quantized import Float32Compute, compute_dtype, managed_tensor_ids, quantized_layers
 
 
@@ -80,16 +81,17 @@ class Float32Island:
         self.original_dtypes = {name: t.dtype for name, t in floating_state(module).items()}
         self.original_dtype = module_dtype(module)
         self._caller_dtypes: list[torch.dtype | None] = []
-        # Quantized layers compute in float32 without a converted weight; ``Unsupported`` (a
-        # ValueError naming the layer) before anything changes if one of them cannot.
-        self._compute = Float32Compute(module, name)
-        for tensor_name, dtype in self.original_dtypes.items():
-            if dtype != torch.float32:
-                set_tensor_dtype(module, tensor_name, torch.float32)
-        self._handles = [
-            module.register_forward_pre_hook(self._enter, with_kwargs=True),
-            module.register_forward_hook(self._leave, with_kwargs=True, always_call=True),
-        ]
+        with exclusive():  # no other thread's forward sees the module half converted
+            # Quantized layers compute in float32 without a converted weight; ``Unsupported`` (a
+            # ValueError naming the layer) before anything changes if one of them cannot.
+            self._compute = Float32Compute(module, name)
+            for tensor_name, dtype in self.original_dtypes.items():
+                if dtype != torch.float32:
+                    set_tensor_dtype(module, tensor_name, torch.float32)
+            self._handles = [
+                module.register_forward_pre_hook(self._enter, with_kwargs=True),
+                module.register_forward_hook(self._leave, with_kwargs=True, always_call=True),
+            ]
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         inputs = floating_tensors((args, kwargs))
@@ -104,13 +106,14 @@ class Float32Island:
 
     def revert(self) -> None:
         """Remove the hooks and return every tensor to its original dtype, bit for bit."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._compute.restore()
-        for name, dtype in self.original_dtypes.items():
-            if dtype != torch.float32:
-                set_tensor_dtype(self.module, name, dtype)
+        with exclusive():
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._compute.restore()
+            for name, dtype in self.original_dtypes.items():
+                if dtype != torch.float32:
+                    set_tensor_dtype(self.module, name, dtype)
 
     def extra_bytes(self) -> int:
         """Parameter and buffer memory this island adds over the original dtypes."""
@@ -173,14 +176,15 @@ def float32_call(
     """
     plans = _plan_widening(module, budget if budget is not None else float32_extra_bytes(module))
     handles = []
-    compute = Float32Compute(module, name)
-    try:
-        for plan in plans:
-            # First in line, so hooks already there (a fix's dtype adapters) see the float32 weights.
-            handles.append(plan.module.register_forward_pre_hook(plan.enter, prepend=True))
-            handles.append(plan.module.register_forward_hook(plan.leave, always_call=True))
-        return module(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
-    finally:
-        for handle in handles:
-            handle.remove()
-        compute.restore()
+    with exclusive():  # widened in place: no other thread's forward may run through it meanwhile
+        compute = Float32Compute(module, name)
+        try:
+            for plan in plans:
+                # First in line, so hooks already there (a fix's dtype adapters) see the float32 weights.
+                handles.append(plan.module.register_forward_pre_hook(plan.enter, prepend=True))
+                handles.append(plan.module.register_forward_hook(plan.leave, always_call=True))
+            return module(*cast_floating(args, torch.float32), **cast_floating(kwargs, torch.float32))
+        finally:
+            for handle in handles:
+                handle.remove()
+            compute.restore()

@@ -24,8 +24,19 @@ except ImportError:  # pragma: no cover - torch without dynamo
 StageCheck = Callable[[nn.Module, tuple, dict, Any], Any]
 
 
+def compiled_call(module: nn.Module) -> Any:
+    """The call ``module.compile()`` made, under the gate's counting wrapper if any; ``None`` if eager.
+
+    The gate (``gate.admit``) sets ``_compiled_call_impl`` on every module it counts, wrapping the
+    compiled call or, for an eager module, the module's own ``_call_impl``.
+    """
+    call = getattr(module, "_compiled_call_impl", None)
+    call = getattr(call, "gated_call", call)
+    return None if getattr(call, "__func__", None) is nn.Module._call_impl else call
+
+
 def is_compiled(module: nn.Module) -> bool:
-    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+    return isinstance(module, OptimizedModule) or compiled_call(module) is not None
 
 
 def eager_module(module: nn.Module) -> nn.Module:
@@ -37,7 +48,7 @@ def eager_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """``module(*args, **kwargs)`` without the compiled code: hooks on submodules fire."""
     if isinstance(module, OptimizedModule):
         return module._orig_mod(*args, **kwargs)
-    if getattr(module, "_compiled_call_impl", None) is not None:
+    if compiled_call(module) is not None:
         return module._call_impl(*args, **kwargs)
     return module(*args, **kwargs)
 
@@ -61,7 +72,7 @@ class _CompiledCallWatch:
 
 def watch_calls(module: nn.Module, check: StageCheck) -> Any:
     """Run ``check`` after every call of ``module``, outside any compiled code; returns a handle."""
-    if getattr(module, "_compiled_call_impl", None) is not None:
+    if compiled_call(module) is not None:
         return _CompiledCallWatch(module, check)
     # An OptimizedModule runs its own forward hooks eagerly, around the compiled forward.
     return module.register_forward_hook(check, with_kwargs=True)

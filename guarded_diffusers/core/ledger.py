@@ -3,6 +3,7 @@
 Everything that adds or removes a fix goes through the ledger, so the memory budget, the report's
 "fixes in force" and a call's rollback all read one list. A lock keeps the list whole when the
 same guarded pipeline serves calls from several threads; each call remembers its own fixes.
+Fixes are undone only while no other thread's forward runs (``gate``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 
 from .context import current_call
+from .gate import exclusive
 from .recovery import Fix
 from .report import FixInForce
 
@@ -43,7 +45,9 @@ class FixLedger:
 
     def revert(self, fixes: list[Fix]) -> None:
         """Revert ``fixes`` newest first (a fix may enclose an older one) and forget them."""
-        with self._lock:
+        # The gate first, as a recovery holds it while it takes the lock: no other thread's forward
+        # sees a fix half undone.
+        with exclusive(), self._lock:
             held = {id(fix) for fix in self.fixes}
             undone = [fix for fix in fixes if id(fix) in held]
             for fix in reversed(undone):

@@ -18,7 +18,9 @@ Parameter memory does not change; ``revert()`` restores the original rows bit fo
 Packed or quantized weights (GGUF, torchao, quanto, bitsandbytes) cannot be shifted: the strategy
 declines, naming the layer. Weights that diffusers' layerwise casting stores in float8 are shifted
 in their storage dtype (by their bits: CPU kernels do not index-copy float8), and the measurement
-decides whether the bits a shift can lose there matter.
+decides whether the bits a shift can lose there matter. Under accelerate's ``cpu_offload`` the
+shift is made in the ``weights_map`` copies its hooks load from (``offload.stored``); group
+offloading that reloads weights from disk or pinned copies would undo it, so the strategy declines.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from torch import nn
 
 from ..core.casting import Float32Island
 from ..core.fidelity import relative_l2
+from ..core.gate import exclusive
 from ..core.hookspecs import hookimpl
 from ..core.locate import Location, ModuleCall
+from ..core.offload import reloading_blocker, stored
 from ..core.options import DEFAULT_TOLERANCE
 from ..core.plan import check_keys, is_real
 from ..core.quantized import Unsupported, shift_blocker
@@ -119,9 +123,10 @@ class RescaleFix:
         return (self.module_name, *self.consumer_shifts)
 
     def revert(self) -> None:
-        for slices in reversed(self.scaled):
-            slices.restore()
-        self.scaled.clear()
+        with exclusive():
+            for slices in reversed(self.scaled):
+                slices.restore()
+            self.scaled.clear()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -135,14 +140,14 @@ class RescaleFix:
 
 def _shift_producer(layer: nn.Module, shifts: Shifts) -> list[_Scaled]:
     down = {channel: -k for channel, k in shifts.items()}
-    scaled = [_scale_slices(layer.weight, 0, down)]
+    scaled = [_scale_slices(stored(layer, "weight"), 0, down)]
     if layer.bias is not None:
-        scaled.append(_scale_slices(layer.bias, 0, down))
+        scaled.append(_scale_slices(stored(layer, "bias"), 0, down))
     return scaled
 
 
 def _compensate_consumer(layer: nn.Module, shifts: Shifts) -> _Scaled:
-    return _scale_slices(layer.weight, 1, shifts)
+    return _scale_slices(stored(layer, "weight"), 1, shifts)
 
 
 def _non_finite(scaled: list[_Scaled]) -> bool:
@@ -206,7 +211,10 @@ class RescaleStrategy:
         producer = location.calls[0]
         if not isinstance(producer.module, _LAYERS) or producer.input_dtype is None:
             return None
-        blocker = shift_blocker(producer.module, producer.name)
+        component = location.calls[-1]
+        blocker = shift_blocker(producer.module, producer.name) or reloading_blocker(
+            component.module, component.name
+        )
         if blocker is not None:
             raise Declined(blocker)
         limit = torch.finfo(producer.input_dtype).max / FIT_HEADROOM
@@ -331,7 +339,8 @@ def _planned(module_name: str, params: Mapping[str, Any], modules: ModuleLookup)
         raise ValueError(
             f"rescale shifts Linear or convolution layers; {module_name} is {type(producer).__name__}."
         )
-    blocker = shift_blocker(producer, module_name)
+    component = module_name.partition(".")[0]
+    blocker = shift_blocker(producer, module_name) or reloading_blocker(modules(component), component)
     if blocker is not None:
         raise ValueError(f"{blocker}.")
     shifts = _parse_shifts(params["producer_shifts"], producer, 0, "producer_shifts", module_name)
@@ -393,8 +402,8 @@ def _parse_shifts(pairs: Any, layer: nn.Module, axis: int, field: str, module_na
             )
         shifts[channel] = exponent
     sign = -1 if axis == 0 else 1  # producer rows go down, consumer columns up
-    bias = [layer.bias] if axis == 0 and layer.bias is not None else []
-    for tensor in [layer.weight, *bias]:
+    bias = [stored(layer, "bias")] if axis == 0 and layer.bias is not None else []
+    for tensor in [stored(layer, "weight"), *bias]:
         _check_representable(tensor, axis, {c: sign * k for c, k in shifts.items()}, field, module_name)
     return shifts
 

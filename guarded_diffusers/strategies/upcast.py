@@ -10,7 +10,8 @@ the strategy declines, and cheaper strategies try.
 Quantized layers inside an island (GGUF, torchao, quanto, bitsandbytes, diffusers' layerwise
 casting) compute in float32 from their dequantized weights, their stored weights untouched
 (``quantized.Float32Compute``); a layer the guard does not know how to compute in float32 makes
-the strategy decline, naming it.
+the strategy decline, naming it. So does group offloading that reloads the component's weights
+from disk or pinned copies at every forward (``offload.reloading_blocker``): it would undo the island.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..core.casting import Float32Island, float32_extra_bytes
 from ..core.checks import host_absmax
 from ..core.hookspecs import hookimpl
 from ..core.locate import Location
+from ..core.offload import reloading_blocker
 from ..core.plan import check_keys, is_real
 from ..core.quantized import Unsupported
 from ..core.recovery import Declined, ModuleLookup
@@ -81,6 +83,9 @@ class UpcastStrategy:
 
     def recover(self, location: Location) -> UpcastFix | None:
         *enclosing, component = location.calls
+        blocker = reloading_blocker(component.module, component.name)
+        if blocker is not None:
+            raise Declined(blocker)
         for depth, call in enumerate(enclosing):
             _check_affordable(call.name, call.module, location)  # enclosing modules cost at least as much
             island = _island(call.name, call.module)
@@ -111,6 +116,10 @@ class UpcastStrategy:
         if peak is not None and not (is_real(peak) and peak >= 0):
             raise ValueError(f"`output_absmax` must be null or a number >= 0, not {reprlib.repr(peak)}.")
         modules(module_name)
+        component = module_name.partition(".")[0]
+        blocker = reloading_blocker(modules(component), component)
+        if blocker is not None:
+            raise ValueError(f"{blocker}.")
 
     def apply(self, module_name: str, params: Mapping[str, Any], modules: ModuleLookup) -> UpcastFix:
         self.validate(module_name, params, modules)
