@@ -49,3 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/fidelity.py
 	$(PY) bench/strategies.py
 	$(PY) bench/overhead.py
+	$(PY) bench/sdxl_vae.py

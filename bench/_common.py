@@ -7,10 +7,12 @@ package is expected installed (``make bench`` installs this checkout in editable
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,12 @@ for _name, _value in {
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import FluxFillPipeline  # noqa: E402
+from diffusers import DiffusionPipeline, FluxFillPipeline  # noqa: E402
 from torch import nn  # noqa: E402
 
-from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline  # noqa: E402
+from guarded_diffusers import DegradedFixWarning, GuardedFluxFillPipeline, guard  # noqa: E402
 from guarded_diffusers.testing import sample_inputs  # noqa: E402
 
-# The four components that hold weights; their parameters and buffers are the pipeline's memory.
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 MAX_SEQUENCE_LENGTH = 32
 
 
@@ -72,6 +72,21 @@ def load(path: str | Path, dtype: torch.dtype, guarded: bool = False) -> FluxFil
     pipe = cls.from_pretrained(str(path), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_pipeline(
+    path: str | Path, dtype: torch.dtype, guarded: bool = False, force_upcast: bool = False
+) -> Any:
+    """Load any saved pipeline in ``dtype``, guarded in place with ``guard(pipe)`` if asked.
+
+    In float16 every module runs in float16: SDXL's ``force_upcast`` (decode with the whole VAE in
+    float32) is turned off unless ``force_upcast``.
+    """
+    pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if dtype == torch.float16 and not force_upcast:
+        pipe.vae.register_to_config(force_upcast=False)
+    return guard(pipe) if guarded else pipe
 
 
 def call_kwargs(size: int = 32, seed: int = 0, steps: int = 4, **overrides: Any) -> dict[str, Any]:
@@ -119,14 +134,55 @@ class ForwardCounter:
                 handle.remove()
 
 
-def parameter_bytes(pipe: FluxFillPipeline) -> int:
-    """Bytes held by the parameters and buffers of the pipeline's four weight components."""
-    total = 0
-    for name in COMPONENTS:
-        component: nn.Module = getattr(pipe, name)
-        for tensor in (*component.parameters(), *component.buffers()):
-            total += tensor.numel() * tensor.element_size()
-    return total
+def module_bytes(module: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``module``."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in (*module.parameters(), *module.buffers()))
+
+
+def parameter_bytes(pipe: Any) -> int:
+    """Bytes held by the parameters and buffers of every component that is a module: the pipeline's memory."""
+    return sum(module_bytes(c) for c in pipe.components.values() if isinstance(c, nn.Module))
+
+
+# Wall-clock is the figure users feel; process CPU time ignores the time this process waits for a
+# core, so on a shared machine it is the steadier of the two (exactly so with one torch thread).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def clocked(call: Callable[[], Any]) -> dict[str, float]:
+    """Seconds ``call`` takes on each of ``CLOCKS``."""
+    starts = {name: clock() for name, clock in CLOCKS.items()}
+    call()
+    return {name: clock() - starts[name] for name, clock in CLOCKS.items()}
+
+
+def interleaved_rounds(
+    arms: dict[str, Callable[[], Any]], rounds: int, budget: float
+) -> tuple[dict[str, list[Any]], int]:
+    """What each call of each arm returns (its own timings), in rounds of the palindrome of ``arms``.
+
+    A palindrome (A B C C B A) lets slow drifts of a shared machine hit every arm alike; rounds stop
+    at ``rounds`` or once the next one would end past ``budget`` seconds, two rounds at least.
+    Garbage is collected before every call. Returns the values per arm and the number of rounds.
+    """
+    order = [*arms, *reversed(arms)]
+    values: dict[str, list[Any]] = {arm: [] for arm in arms}
+    start, done = time.perf_counter(), 0
+    gc.collect()
+    gc.freeze()  # what exists now is not garbage: the collections between calls skip it
+    try:
+        while done < rounds:
+            round_start = time.perf_counter()
+            for arm in order:
+                gc.collect()
+                values[arm].append(arms[arm]())
+            done += 1
+            now = time.perf_counter()
+            if done >= 2 and now + (now - round_start) - start > budget:
+                break
+    finally:
+        gc.unfreeze()
+    return values, done
 
 
 @contextlib.contextmanager

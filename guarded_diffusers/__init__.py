@@ -1,4 +1,4 @@
-"""Flux Fill in float16 without black images: detect non-finite values at every stage and recover.
+"""diffusers in float16 without black images: detect non-finite values at every stage and recover.
 
 The public names are imported on first use (PEP 562), so ``import guarded_diffusers`` and the
 ``fluxguard`` command's ``--help`` do not pay for importing torch and diffusers.
@@ -18,28 +18,64 @@ if TYPE_CHECKING:
     from .core.plugins import plugin_manager
     from .core.recovery import Declined, Fix, RecoveryStrategy
     from .core.report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
-    from .pipelines.flux_fill import GuardedFluxFillPipeline, GuardedFluxPipelineOutput
+    from .pipelines.attach import guard, unguard
+    from .pipelines.classes import (
+        GuardedFluxImg2ImgPipeline,
+        GuardedFluxInpaintPipeline,
+        GuardedFluxKontextInpaintPipeline,
+        GuardedFluxKontextPipeline,
+        GuardedFluxPipeline,
+        GuardedStableDiffusion3Img2ImgPipeline,
+        GuardedStableDiffusion3InpaintPipeline,
+        GuardedStableDiffusion3Pipeline,
+        GuardedStableDiffusionImg2ImgPipeline,
+        GuardedStableDiffusionInpaintPipeline,
+        GuardedStableDiffusionPipeline,
+        GuardedStableDiffusionXLImg2ImgPipeline,
+        GuardedStableDiffusionXLInpaintPipeline,
+        GuardedStableDiffusionXLPipeline,
+    )
+    from .pipelines.flux_fill import GuardedFluxFillPipeline
+    from .pipelines.guarded import GuardedPipeline
+    from .pipelines.outputs import GuardedFluxPipelineOutput
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
+    "as_displayed": "core.fidelity",
     "Attempt": "core.report",
     "Declined": "core.recovery",
     "DegradedFixWarning": "core.report",
     "Fix": "core.recovery",
     "FixInForce": "core.report",
+    "guard": "pipelines.attach",
+    "GuardedFluxFillPipeline": "pipelines.flux_fill",
+    "GuardedFluxImg2ImgPipeline": "pipelines.classes",
+    "GuardedFluxInpaintPipeline": "pipelines.classes",
+    "GuardedFluxKontextInpaintPipeline": "pipelines.classes",
+    "GuardedFluxKontextPipeline": "pipelines.classes",
+    "GuardedFluxPipeline": "pipelines.classes",
+    "GuardedFluxPipelineOutput": "pipelines.outputs",
+    "GuardedPipeline": "pipelines.guarded",
+    "GuardedStableDiffusion3Img2ImgPipeline": "pipelines.classes",
+    "GuardedStableDiffusion3InpaintPipeline": "pipelines.classes",
+    "GuardedStableDiffusion3Pipeline": "pipelines.classes",
+    "GuardedStableDiffusionImg2ImgPipeline": "pipelines.classes",
+    "GuardedStableDiffusionInpaintPipeline": "pipelines.classes",
+    "GuardedStableDiffusionPipeline": "pipelines.classes",
+    "GuardedStableDiffusionXLImg2ImgPipeline": "pipelines.classes",
+    "GuardedStableDiffusionXLInpaintPipeline": "pipelines.classes",
+    "GuardedStableDiffusionXLPipeline": "pipelines.classes",
     "GuardOptions": "core.options",
     "GuardReport": "core.report",
-    "GuardedFluxFillPipeline": "pipelines.flux_fill",
-    "GuardedFluxPipelineOutput": "pipelines.flux_fill",
+    "hookimpl": "core.hookspecs",
     "Incident": "core.report",
     "NonFiniteError": "core.report",
-    "PrecisionPlan": "core.plan",
-    "RecoveryStrategy": "core.recovery",
-    "as_displayed": "core.fidelity",
-    "hookimpl": "core.hookspecs",
     "plugin_manager": "core.plugins",
+    "PrecisionPlan": "core.plan",
     "psnr": "core.fidelity",
+    "RecoveryStrategy": "core.recovery",
     "resolve_device": "core.devices",
+    "unguard": "pipelines.attach",
 }
 
 __all__ = [
@@ -51,16 +87,33 @@ __all__ = [
     "GuardOptions",
     "GuardReport",
     "GuardedFluxFillPipeline",
+    "GuardedFluxImg2ImgPipeline",
+    "GuardedFluxInpaintPipeline",
+    "GuardedFluxKontextInpaintPipeline",
+    "GuardedFluxKontextPipeline",
+    "GuardedFluxPipeline",
     "GuardedFluxPipelineOutput",
+    "GuardedPipeline",
+    "GuardedStableDiffusion3Img2ImgPipeline",
+    "GuardedStableDiffusion3InpaintPipeline",
+    "GuardedStableDiffusion3Pipeline",
+    "GuardedStableDiffusionImg2ImgPipeline",
+    "GuardedStableDiffusionInpaintPipeline",
+    "GuardedStableDiffusionPipeline",
+    "GuardedStableDiffusionXLImg2ImgPipeline",
+    "GuardedStableDiffusionXLInpaintPipeline",
+    "GuardedStableDiffusionXLPipeline",
     "Incident",
     "NonFiniteError",
     "PrecisionPlan",
     "RecoveryStrategy",
     "as_displayed",
+    "guard",
     "hookimpl",
     "plugin_manager",
     "psnr",
     "resolve_device",
+    "unguard",
 ]
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxFillPipeline
+from diffusers import DiffusionPipeline, FluxFillPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -107,11 +107,14 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
+def _modules(pipe: DiffusionPipeline) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, module) for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)]
+
+
 def state_snapshot(pipe: FluxFillPipeline) -> dict[str, tuple[torch.dtype, bytes]]:
     """Every parameter and buffer of every component: dtype and raw bytes, for bit-exact comparison."""
     snapshot = {}
-    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, component)
+    for component, module in _modules(pipe):
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
             snapshot[f"{component}.{name}"] = (tensor.dtype, raw)
@@ -121,8 +124,8 @@ def state_snapshot(pipe: FluxFillPipeline) -> dict[str, tuple[torch.dtype, bytes
 def hook_count(pipe: FluxFillPipeline) -> int:
     """Forward hooks and pre-hooks left on any module of any component."""
     total = 0
-    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        for module in getattr(pipe, component).modules():
+    for _, component in _modules(pipe):
+        for module in component.modules():
             total += len(module._forward_hooks) + len(module._forward_pre_hooks)
     return total
 

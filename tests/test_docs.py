@@ -5,6 +5,7 @@ user pasting it into a new interpreter would: no block sees another's names. Err
 document's own lines. What a snippet needs from outside is what a user would have:
 
 - the hub id ``black-forest-labs/FLUX.1-Fill-dev`` resolves to one tiny clean Flux Fill pipeline
+  (``stabilityai/stable-diffusion-xl-base-1.0`` to a tiny SDXL one)
   saved once per session. Only the hub download step is replaced (``DiffusionPipeline.download``,
   which maps a hub id to a local folder); loading, casting and the guard run as for the real model;
 - the working directory is a fresh temporary folder holding the files snippets read: ``cup.png``
@@ -39,7 +40,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest
-from diffusers import DiffusionPipeline, FluxFillPipeline
+from diffusers import DiffusionPipeline, FluxFillPipeline, StableDiffusionXLPipeline
 from sybil import Example, Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
@@ -49,6 +50,7 @@ from guarded_diffusers.core.plan import PrecisionPlan
 from guarded_diffusers.core.plugins import plugin_manager
 from guarded_diffusers.core.report import Attempt, FixInForce, Incident
 from guarded_diffusers.testing import sample_inputs
+from guarded_diffusers.testing.families import FAMILIES
 
 pytest_plugins = ["pytester"]
 
@@ -57,7 +59,10 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON = PythonEvaluator()
 SYBIL = Sybil(parsers=[CodeBlockParser("python", evaluator=PYTHON), SkipParser()])
 HUB_ID = "black-forest-labs/FLUX.1-Fill-dev"
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 FAST_CALL = {"num_inference_steps": 2, "max_sequence_length": 32}
+# Every snippet runs at 32x32 pixels: SDXL defaults to 1024x1024.
+SDXL_FAST_CALL = {"num_inference_steps": 2, "height": 32, "width": 32}
 PLUGIN_EXAMPLE = ROOT / "docs" / "examples" / "fluxguard-vae-float32" / "fluxguard_vae_float32.py"
 GIVEN_EXAMPLE_BUDGET_S = 60  # issue 11: the @given example passes on a clean model within a minute
 
@@ -107,8 +112,28 @@ def docs_model(saved_model: Callable[..., tuple[Path, str | None]]) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def docs_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny clean SDXL pipeline, for the snippets that guard any pipeline."""
+    folder = tmp_path_factory.mktemp("docs-sdxl")
+    FAMILIES["sdxl"].save(folder)
+    return folder
+
+
+def _short_calls(monkeypatch: pytest.MonkeyPatch, cls: type, fast: dict[str, Any]) -> None:
+    call = cls.__call__
+
+    @functools.wraps(call)
+    def short_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return call(self, *args, **{**fast, **kwargs})
+
+    monkeypatch.setattr(cls, "__call__", short_call)
+
+
 @pytest.fixture
-def snippet_world(docs_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def snippet_world(
+    docs_model: Path, docs_sdxl_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """A working directory with the files snippets read, the hub id mapped, and short pipeline calls."""
     sample = sample_inputs(32)
     sample["image"].save(tmp_path / "cup.png")
@@ -123,17 +148,14 @@ def snippet_world(docs_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def local_download(cls: type, pretrained_model_name: str, **kwargs: Any) -> str:
         if pretrained_model_name == HUB_ID:
             return str(docs_model)
+        if pretrained_model_name == SDXL_HUB_ID:
+            return str(docs_sdxl_model)
         return download(cls, pretrained_model_name, **kwargs)
 
     monkeypatch.setattr(DiffusionPipeline, "download", classmethod(local_download))
 
-    call = FluxFillPipeline.__call__
-
-    @functools.wraps(call)
-    def short_call(self: FluxFillPipeline, *args: Any, **kwargs: Any) -> Any:
-        return call(self, *args, **{**FAST_CALL, **kwargs})
-
-    monkeypatch.setattr(FluxFillPipeline, "__call__", short_call)
+    _short_calls(monkeypatch, FluxFillPipeline, FAST_CALL)
+    _short_calls(monkeypatch, StableDiffusionXLPipeline, SDXL_FAST_CALL)
     return tmp_path
 
 

@@ -177,7 +177,8 @@ def test_pil_masks_diffusers_reads_as_levels_are_accepted(mode):
     mask = sample_inputs(32)["mask_image"].convert(mode)
     parameters = inspect.signature(FluxFillPipeline.__call__).parameters.values()
     defaults = {p.name: p.default for p in parameters}
-    validate_call_arguments({**defaults, **sample_inputs(32), "mask_image": mask}, pixel_multiple=4)
+    arguments = {**defaults, **sample_inputs(32), "mask_image": mask}
+    validate_call_arguments(arguments, 4, "FluxFillPipeline", GuardedFluxFillPipeline.required_inputs)
 
 
 def test_mode_f_mask_in_levels_fills_like_mode_l(watched):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from ..core.devices import resolve_device
-from ..core.report import GuardReport, NonFiniteError
 from ..demo import quiet
 from ..pipelines.flux_fill import GuardedFluxFillPipeline
 from ..testing import sample_inputs, save_tiny_pipeline
@@ -19,41 +16,16 @@ from .inputs import (
     device,
     image_and_mask,
     image_output,
-    in_command_terms,
     memory_fraction,
     model_folder,
     precision_plan,
     strategy_names,
 )
-from .log import BarStream, guard_lines
+from .outcome import run_and_write
 
 # The bundled model: tiny, random, built on the fly, with a float16 overflow for the guard to catch.
 BUNDLED_SITE = "single_block_mlp"
 BUNDLED_SIZE = 32
-TABLE_COLUMNS = ("stage", "step", "module", "strategy", "fixed module", "error", "recovered")
-
-
-def incident_table(report: GuardReport) -> str:
-    """The report's incidents as aligned columns; ``no incidents`` when there are none."""
-    if not report.incidents:
-        return "no incidents"
-    rows = [
-        (
-            incident.stage,
-            "-" if incident.step is None else str(incident.step),
-            incident.module or "-",
-            incident.strategy or "-",
-            incident.fixed_module or "-",
-            "-" if incident.error is None else f"{incident.error:.1e}",
-            "yes" if incident.recovered else "degraded" if incident.degraded else "no",
-        )
-        for incident in report.incidents
-    ]
-    widths = [max(len(row[column]) for row in [TABLE_COLUMNS, *rows]) for column in range(len(TABLE_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [TABLE_COLUMNS, *rows]
-    )
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, object]:
@@ -79,12 +51,6 @@ def _inputs(args: argparse.Namespace) -> dict[str, object]:
     return sample
 
 
-def _write_report(report: GuardReport, path: Path | None) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report.to_json(indent=2) + "\n", encoding="utf-8")
-
-
 def _check_size(inputs: dict[str, object], args: argparse.Namespace, multiple: int) -> None:
     """The picture must hold at least one of the model's pixel blocks each way."""
     width, height = inputs["width"], inputs["height"]
@@ -106,7 +72,6 @@ def run_fill(args: argparse.Namespace) -> int:
     budget = memory_fraction(args.max_extra_memory)
     device(args.device)
     quiet()
-    stderr = BarStream(sys.stderr)
     with tempfile.TemporaryDirectory(prefix="fluxguard-bundled-") as scratch:
         model = args.model
         if model is None:
@@ -124,26 +89,11 @@ def run_fill(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
         _check_size(inputs, args, pipe.vae_scale_factor * 2)
-        pipe.to(resolve_device(args.device))
-        pipe.set_progress_bar_config(disable=False, desc="fill", file=stderr)
-        try:
-            with guard_lines(stderr, "fill"):
-                result = pipe(
-                    **inputs,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
-                    max_sequence_length=args.max_sequence_length,
-                    generator=torch.Generator().manual_seed(args.seed),
-                )
-        except NonFiniteError as error:
-            print(incident_table(error.report))
-            _write_report(error.report, args.report)
-            reason = in_command_terms(str(error).splitlines()[0])
-            stderr.line(f"fluxguard fill: the guard could not recover, no image written: {reason}")
-            return 1
-    output.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(output)
-    print(incident_table(result.guard_report))
-    _write_report(result.guard_report, args.report)
-    print(f"wrote {output}" + (f" and {args.report}" if args.report is not None else ""))
-    return 0
+        call = {
+            **inputs,
+            "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance,
+            "max_sequence_length": args.max_sequence_length,
+            "generator": torch.Generator().manual_seed(args.seed),
+        }
+        return run_and_write(pipe, call, args, output, "fill")

@@ -73,6 +73,22 @@ def model_folder(path: Path) -> Path:
     return path
 
 
+def pipeline_folder(path: Path) -> str:
+    """The pipeline class ``path`` was saved as (``save_pretrained``), once every weights file is there."""
+    if not path.exists():
+        raise UsageError(f"model folder {path} does not exist")
+    index = _read_json(path / "model_index.json")
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str):
+        raise UsageError(
+            f"{path} is not a diffusers pipeline folder: no readable model_index.json naming its class"
+        )
+    missing = missing_weights(path)
+    if missing:
+        raise UsageError(f"model folder {path} is incomplete: {missing}")
+    return name
+
+
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -1,6 +1,8 @@
-"""The fluxguard command: guarded Flux Fill inpainting from the shell, and a float16 headroom scan.
+"""The fluxguard command: guarded diffusers pipelines from the shell, and a float16 headroom scan.
 
 ``fluxguard fill`` inpaints with GuardedFluxFillPipeline and prints what the guard did.
+``fluxguard generate`` does the same with any pipeline folder (text to image, image to image,
+Kontext, inpainting), the folder's pipeline class deciding the inputs.
 ``fluxguard scan`` runs generated inputs through a model in float32, records every module's
 largest output and input, and says which modules run close to the working dtype's limit, with a
 precision plan that fixes them before the first step. ``python -m guarded_diffusers.cli`` is the same
@@ -39,6 +41,21 @@ examples:
   fluxguard fill -o out/fill.png
   fluxguard fill ./flux-fill --image cup.png --mask cup-mask.png --prompt "a paper cup" -o cup.png
   fluxguard fill ./flux-fill --plan scan/plan.json --image cup.png --mask cup-mask.png --prompt "" -o cup.png
+"""
+
+GENERATE_HELP = """\
+Guarded generation with any diffusers pipeline folder; prints the guard's incidents.
+
+MODEL is a folder saved with save_pretrained(); its model_index.json names the pipeline class,
+which decides the inputs: a text-to-image pipeline takes --prompt, image to image and Kontext
+--image too, inpainting --image and --mask. Options the pipeline's call does not take are not
+passed on. Without MODEL, generate builds the bundled model: a tiny random Flux text-to-image
+pipeline with an injected float16 overflow; it runs offline in seconds.
+
+examples:
+  fluxguard generate -o out/generate.png
+  fluxguard generate ./sdxl --prompt "a paper cup" --height 1024 --width 1024 -o cup.png
+  fluxguard generate ./flux-kontext --image cup.png --prompt "make it red" -o red-cup.png
 """
 
 SCAN_HELP = """\
@@ -90,6 +107,31 @@ def _common(parser: argparse.ArgumentParser, dtypes: tuple[str, ...]) -> None:
     )
 
 
+def _guarded_run(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that runs a guarded pipeline: its report, plan, strategies, budget, seed."""
+    parser.add_argument("--report", type=Path, metavar="REPORT.json", help="write the guard report as JSON")
+    parser.add_argument(
+        "--plan", type=Path, metavar="PLAN.json", help="precision plan to apply before the first step"
+    )
+    parser.add_argument(
+        "--strategies",
+        metavar="LIST",
+        help="recovery strategies in order, comma-separated, or 'none' to only detect "
+        f"(default: the guard's, {DEFAULT_STRATEGIES})",
+    )
+    parser.add_argument(
+        "--max-extra-memory",
+        type=non_negative,
+        default=DEFAULT_MAX_EXTRA_MEMORY,
+        metavar="FRACTION",
+        help=(
+            "parameter bytes the guard's fixes and --plan may add, as a fraction of the pipeline's "
+            "(default: %(default)s); load a scan's plan with the budget it was made for"
+        ),
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="noise seed (default: %(default)s)")
+
+
 def _subcommand(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
     """A subcommand whose first paragraph of ``text`` is its summary and the rest its epilog."""
     summary, _, epilog = text.partition("\n\n")
@@ -104,7 +146,7 @@ def _subcommand(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fluxguard", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fill,scan}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fill,generate,scan}")
 
     fill = _subcommand(commands, "fill", FILL_HELP)
     fill.add_argument(
@@ -120,27 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fill.add_argument("--prompt", metavar="TEXT", help="what to paint")
     fill.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png", help="image to write")
-    fill.add_argument("--report", type=Path, metavar="REPORT.json", help="write the guard report as JSON")
-    fill.add_argument(
-        "--plan", type=Path, metavar="PLAN.json", help="precision plan to apply before the first step"
-    )
-    fill.add_argument(
-        "--strategies",
-        metavar="LIST",
-        help="recovery strategies in order, comma-separated, or 'none' to only detect "
-        f"(default: the guard's, {DEFAULT_STRATEGIES})",
-    )
-    fill.add_argument(
-        "--max-extra-memory",
-        type=non_negative,
-        default=DEFAULT_MAX_EXTRA_MEMORY,
-        metavar="FRACTION",
-        help=(
-            "parameter bytes the guard's fixes and --plan may add, as a fraction of the pipeline's "
-            "(default: %(default)s); load a scan's plan with the budget it was made for"
-        ),
-    )
-    fill.add_argument("--seed", type=int, default=0, metavar="N", help="noise seed (default: %(default)s)")
+    _guarded_run(fill)
     fill.add_argument(
         "--steps", type=positive_int, default=28, metavar="N", help="denoising steps (default: %(default)s)"
     )
@@ -153,6 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(fill, DTYPES)
     fill.set_defaults(run="fill")
+
+    generate = _subcommand(commands, "generate", GENERATE_HELP)
+    generate.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        metavar="MODEL",
+        help="any diffusers pipeline folder (default: bundled tiny Flux text-to-image model)",
+    )
+    generate.add_argument("--prompt", metavar="TEXT", help="what to draw")
+    generate.add_argument(
+        "--image", type=Path, metavar="IN", help="picture to start from (image to image, Kontext, inpainting)"
+    )
+    generate.add_argument("--mask", type=Path, metavar="MASK", help="white where to paint (inpainting)")
+    generate.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT.png", help="image to write"
+    )
+    generate.add_argument("--height", type=positive_int, metavar="PX", help="(default: the pipeline's)")
+    generate.add_argument("--width", type=positive_int, metavar="PX", help="(default: the pipeline's)")
+    _guarded_run(generate)
+    generate.add_argument(
+        "--steps", type=positive_int, metavar="N", help="denoising steps (default: the pipeline's)"
+    )
+    generate.add_argument(
+        "--guidance", type=non_negative, metavar="SCALE", help="guidance scale (default: the pipeline's)"
+    )
+    _common(generate, DTYPES)
+    generate.set_defaults(run="generate")
 
     scan = _subcommand(commands, "scan", SCAN_HELP)
     scan.add_argument("model", type=Path, metavar="MODEL", help="Flux Fill model folder")
@@ -223,6 +273,8 @@ def _run(args: argparse.Namespace) -> int:
     with _quiet_imports():
         if args.run == "fill":
             from .fill import run_fill as run
+        elif args.run == "generate":
+            from .generate import run_generate as run
         else:
             from .scan import run_scan_command as run
     return run(args)

@@ -26,6 +26,7 @@ from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
 from .compiled import eager_module, is_compiled, watch_calls
 from .context import current_call, entering
+from .gate import admit, exclusive
 from .ledger import FixLedger
 from .locate import Location, locate_first_overflow
 from .options import GuardOptions
@@ -35,6 +36,7 @@ from .plugins import plugin_manager, registered_strategies
 from .recovery import Fix, RecoveryStrategy
 from .report import DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 from .settle import Settler, StageCall, error_text, shape_of
+from .stages import SCHEDULER_STAGE, Stage, discover_stages, resolve_component, stage_components
 from .stream import StreamWatch, residual_blocks, stage_verdict
 
 # Under diffusers' logger, so diffusers.utils.logging.set_verbosity_*() and its handlers apply.
@@ -55,34 +57,6 @@ class _Call:
     fixes_made: list[Fix] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A checked stage: the name reported in incidents and the component path it runs."""
-
-    name: str
-    component: str
-    counts_steps: bool = False
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("pooled_prompt_embeds", "text_encoder"),
-    Stage("prompt_embeds", "text_encoder_2"),
-    Stage("vae_encode", "vae.encoder"),
-    Stage("denoise", "transformer", counts_steps=True),
-    Stage("vae_decode", "vae.decoder"),
-)
-_COMPONENTS = tuple(dict.fromkeys(stage.component.split(".")[0] for stage in STAGES))
-# The stage that checks latents after each scheduler step; no module to fix there.
-SCHEDULER_STAGE = "scheduler_step"
-
-
-def _resolve(pipeline: Any, path: str) -> nn.Module | None:
-    target = pipeline
-    for attr in path.split("."):
-        target = getattr(target, attr, None)
-    return target if isinstance(target, nn.Module) else None
-
-
 class Guard:
     """Watches one pipeline's components; holds the fixes applied so far and the last report."""
 
@@ -97,6 +71,14 @@ class Guard:
         self._blocks: dict[int, tuple[nn.Module, list[nn.Module]]] = {}
         components = [module for module in pipeline.components.values() if isinstance(module, nn.Module)]
         self._ledger = FixLedger(self.options.budget_bytes(tensor_bytes(components)))
+        for stage in self.stages:  # from now on, weights change only while no other forward runs
+            if (module := resolve_component(pipeline, stage.component)) is not None:
+                admit(module)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages a call checks, from the pipeline's components as they are now."""
+        return discover_stages(self._pipeline)
 
     @property
     def fixes(self) -> list[Fix]:
@@ -113,13 +95,13 @@ class Guard:
         """The dtype ``component`` reported before any fix changed it."""
         if self.fixes and component in self._working_dtypes:
             return self._working_dtypes[component]
-        module = _resolve(self._pipeline, component)
+        module = resolve_component(self._pipeline, component)
         return module_dtype(module) if module is not None else None
 
     def module(self, name: str) -> nn.Module:
         """The module a qualified name (``transformer.single_transformer_blocks.0``) refers to."""
         component, _, path = name.partition(".")
-        root = getattr(self._pipeline, component, None) if component in _COMPONENTS else None
+        root = getattr(self._pipeline, component, None) if component in self._components else None
         root = eager_module(root) if isinstance(root, nn.Module) else root
         if not isinstance(root, nn.Module):
             raise KeyError(f"{name}: the pipeline has no component {component!r}")
@@ -148,7 +130,9 @@ class Guard:
         ``ValueError`` naming the plan, the fix and the field for anything that does not fit.
         """
         plan = as_plan(plan)
-        components = [c for name in _COMPONENTS if (c := _resolve(self._pipeline, name)) is not None]
+        components = [
+            c for name in self._components if (c := resolve_component(self._pipeline, name)) is not None
+        ]
         module_count = sum(1 for component in components for _ in component.modules())
         check_size(plan, module_count)
         strategies = registered_strategies()
@@ -156,7 +140,8 @@ class Guard:
         pending = pending_entries(plan, strategies, self.module, self.plan().entries, module_count)
         if pending:
             self._note_working_dtypes()
-            apply_entries(plan, pending, components, self.module, self._ledger)
+            with exclusive():
+                apply_entries(plan, pending, components, self.module, self._ledger)
 
     @contextlib.contextmanager
     def lifted(self) -> Iterator[PrecisionPlan]:
@@ -178,17 +163,19 @@ class Guard:
         return self._ledger.in_force()
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[GuardReport]:
+    def watching(self, unchecked: Sequence[str] = ()) -> Iterator[GuardReport]:
         """Check every stage for the duration of one pipeline call; roll back on any exception.
 
         The hooks act only on this call (this thread): another pipeline sharing the components, or
         this one called from another thread, runs unwatched through them or with its own call.
+        ``unchecked``: stages the caller cannot give the guard, named in the report.
         """
-        call = _Call(self, GuardReport())
+        call = _Call(self, GuardReport(unchecked=list(unchecked)))
         handles = []
-        for stage in STAGES:
-            module = _resolve(self._pipeline, stage.component)
+        for stage in self.stages:
+            module = resolve_component(self._pipeline, stage.component)
             if module is not None:
+                admit(module)
                 watch = StreamWatch(self._residual_blocks(module), lambda call=call: current_call() is call)
                 handles += watch.install()
                 handles.append(watch_calls(module, self._stage_hook(stage, watch, call)))
@@ -229,6 +216,10 @@ class Guard:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    @property
+    def _components(self) -> tuple[str, ...]:
+        return stage_components(self.stages)
+
     def _residual_blocks(self, component: nn.Module) -> list[nn.Module]:
         """The blocks of ``component``, found once per component object; none under torch.compile
         (hooks inside compiled code would break its graph or make it recompile every call)."""
@@ -250,14 +241,15 @@ class Guard:
             if current_call() is not call or call.recovering:
                 return None
             kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
-            step = call.step if stage.counts_steps else None
+            step = call.step if stage.per_step else None
             call.step += stage.counts_steps
             if stage_verdict(output, watch.take()) is None:
                 return None
             stage_call = StageCall(
                 stage.name, stage.component, step, module, args, kwargs, shape_of(output), watch
             )
-            return self._recover(stage_call)
+            with exclusive():  # no other thread's forward runs while the model is diagnosed and fixed
+                return self._recover(stage_call)
 
         return after_forward
 
@@ -318,7 +310,7 @@ class Guard:
     def _note_working_dtypes(self) -> None:
         """Record each component's dtype before the first fix can change it."""
         if not self.fixes:
-            self._working_dtypes = {name: self.working_dtype(name) for name in _COMPONENTS}
+            self._working_dtypes = {name: self.working_dtype(name) for name in self._components}
 
     def _failure(self, message: str) -> NonFiniteError:
         return NonFiniteError(message, self._current().report)

@@ -116,6 +116,8 @@ class GuardReport:
 
     incidents: list[Incident] = dataclasses.field(default_factory=list)
     fixes: list[FixInForce] = dataclasses.field(default_factory=list)
+    # Stages this pipeline gives the guard no way to check (no ``callback_on_step_end``: latents).
+    unchecked: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def recovered(self) -> bool:
@@ -136,6 +138,7 @@ class GuardReport:
         return {
             "incidents": [incident.to_dict() for incident in self.incidents],
             "fixes": [dataclasses.asdict(fix) for fix in self.fixes],
+            "unchecked": list(self.unchecked),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -145,6 +148,8 @@ class GuardReport:
         lines = [incident.summary() for incident in self.incidents] or ["no incidents"]
         if self.fixes:
             lines.append("fixes in force: " + "; ".join(fix.summary() for fix in self.fixes))
+        if self.unchecked:
+            lines.append("unchecked stages: " + ", ".join(self.unchecked))
         return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Argument checks for GuardedFluxFillPipeline: a bad value is a ValueError naming it, before any model runs.
+"""Argument checks for guarded pipelines: a bad value is a ValueError naming it, before any model runs.
 
 diffusers lets many bad values through to an IndexError, a shape mismatch deep in the VAE, a NaN
 image or a silent float32 load; these checks match what the ``fluxguard`` command refuses.
@@ -48,30 +48,39 @@ def check_dtype_arguments(kwargs: Mapping[str, Any], allow_dict: bool) -> None:
             )
 
 
-def validate_call_arguments(arguments: Mapping[str, Any], pixel_multiple: int) -> None:
-    """Check a fill call's arguments (defaults included); ``pixel_multiple`` is the model's pixel block."""
-    if arguments.get("image") is None:
-        raise ValueError("`image` is required: the picture whose masked area is filled.")
+def validate_call_arguments(
+    arguments: Mapping[str, Any], pixel_multiple: int, pipeline: str, required: Mapping[str, str]
+) -> None:
+    """Check a call's arguments (defaults included) against what ``pipeline``'s signature takes.
+
+    ``pixel_multiple`` is the model's pixel block; ``required`` names inputs the call cannot do
+    without, and what each is. Checks of an argument the pipeline does not take are skipped.
+    """
+    for name, what in required.items():
+        if arguments.get(name) is None:
+            raise ValueError(f"`{name}` is required: {what}.")
     _check_prompts(arguments)
     _check_numbers(arguments, pixel_multiple)
-    _check_pil_modes(arguments)
+    _check_pil_modes(arguments, pipeline)
     _check_batch(arguments)
 
 
 def _check_prompts(arguments: Mapping[str, Any]) -> None:
-    for name in ("prompt", "prompt_2"):
+    for name in ("prompt", "prompt_2", "prompt_3"):
         value = arguments.get(name)
         if isinstance(value, list | tuple) and not value:
             raise ValueError(f"`{name}` is an empty list; pass at least one prompt.")
         if isinstance(value, list | tuple) and not all(isinstance(item, str) for item in value):
             kinds = sorted({type(item).__name__ for item in value if not isinstance(item, str)})
             raise ValueError(f"`{name}` must be a string or a list of strings; it holds {', '.join(kinds)}.")
-    prompt, prompt_2 = arguments.get("prompt"), arguments.get("prompt_2")
-    if prompt is not None and isinstance(prompt_2, list | tuple) and len(prompt_2) != _count(prompt):
-        raise ValueError(
-            f"`prompt_2` has {len(prompt_2)} entries but `prompt` has {_count(prompt)}; give one `prompt_2` "
-            "per prompt, or leave it None to reuse `prompt`."
-        )
+    prompt = arguments.get("prompt")
+    for name in ("prompt_2", "prompt_3"):
+        other = arguments.get(name)
+        if prompt is not None and isinstance(other, list | tuple) and len(other) != _count(prompt):
+            raise ValueError(
+                f"`{name}` has {len(other)} entries but `prompt` has {_count(prompt)}; give one `{name}` "
+                "per prompt, or leave it None to reuse `prompt`."
+            )
 
 
 def _count(prompt: str | list[str] | tuple[str, ...]) -> int:
@@ -87,11 +96,9 @@ def _is_whole(value: Any) -> bool:
 
 
 def _check_numbers(arguments: Mapping[str, Any], pixel_multiple: int) -> None:
-    guidance = arguments.get("guidance_scale")
+    guidance = arguments.get("guidance_scale", 0.0)
     if not (_is_number(guidance) and math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(
-            f"`guidance_scale` must be a finite number >= 0, not {guidance!r}; Flux Fill is tuned for 30."
-        )
+        raise ValueError(f"`guidance_scale` must be a finite number >= 0, not {guidance!r}.")
     for name in ("height", "width"):
         value = arguments.get(name)
         if value is not None and not (_is_whole(value) and value >= pixel_multiple):
@@ -99,18 +106,19 @@ def _check_numbers(arguments: Mapping[str, Any], pixel_multiple: int) -> None:
                 f"`{name}` must be a whole number of pixels >= {pixel_multiple} (this model works in "
                 f"{pixel_multiple}-pixel blocks), not {value!r}; leave it None for the default."
             )
-    steps = arguments.get("num_inference_steps")
-    if arguments.get("sigmas") is None and not (_is_whole(steps) and steps >= 1):
+    steps = arguments.get("num_inference_steps", 1)
+    scheduled = arguments.get("sigmas") is not None or arguments.get("timesteps") is not None
+    if not scheduled and not (_is_whole(steps) and steps >= 1):
         raise ValueError(f"`num_inference_steps` must be a whole number >= 1, not {steps!r}.")
-    copies = arguments.get("num_images_per_prompt")
+    copies = arguments.get("num_images_per_prompt", 1)
     if not (_is_whole(copies) and copies >= 1):
         raise ValueError(f"`num_images_per_prompt` must be a whole number >= 1, not {copies!r}.")
-    strength = arguments.get("strength")
+    strength = arguments.get("strength", 1.0)
     if not (_is_number(strength) and 0 < strength <= 1):
         raise ValueError(
             f"`strength` must be a number in (0, 1], not {strength!r}; 1 repaints the masked area from noise."
         )
-    length = arguments.get("max_sequence_length")
+    length = arguments.get("max_sequence_length", 1)
     if not (_is_whole(length) and 1 <= length <= MAX_SEQUENCE_LENGTH):
         raise ValueError(
             f"`max_sequence_length` must be a whole number of T5 tokens in [1, {MAX_SEQUENCE_LENGTH}], "
@@ -123,12 +131,12 @@ def _pil_images(value: Any) -> list[Image.Image]:
     return [item for item in items if isinstance(item, Image.Image)]
 
 
-def _check_pil_modes(arguments: Mapping[str, Any]) -> None:
+def _check_pil_modes(arguments: Mapping[str, Any], pipeline: str) -> None:
     """diffusers feeds PIL images to the VAE unconverted (RGB only) and masks through ``convert("L")``."""
     for image in _pil_images(arguments.get("image")):
         if image.mode != "RGB":
             raise ValueError(
-                f"`image` is a mode-{image.mode!r} PIL image, but FluxFillPipeline reads PIL images "
+                f"`image` is a mode-{image.mode!r} PIL image, but {pipeline} reads PIL images "
                 "unconverted and only RGB gives a picture; pass image.convert('RGB')."
             )
     for mask in _pil_images(arguments.get("mask_image")):

@@ -174,6 +174,21 @@ def adopt_components(pipeline: Any, guard: Any) -> None:
             component.__dict__[name] = types.MethodType(_LiftingMethod(function, changes_weights), component)
 
 
+def release_components(pipeline: Any, guard: Any) -> None:
+    """Undo ``adopt_components``: ``guard`` lifts no more; unheld components get their methods back."""
+    for component in pipeline.components.values():
+        if not isinstance(component, nn.Module):
+            continue
+        guards = _GUARDS.get(component, {})
+        guards.pop(id(guard), None)
+        if _guards_of(component):
+            continue
+        for name in COMPONENT_OPERATIONS:
+            held = component.__dict__.get(name)
+            if isinstance(held, types.MethodType) and isinstance(held.__func__, _LiftingMethod):
+                del component.__dict__[name]
+
+
 def pipeline_guards(pipeline: Any) -> list[Any]:
     """Every guard that adopted one of ``pipeline``'s components, and the pipeline's own guard."""
     guards = []

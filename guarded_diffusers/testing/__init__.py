@@ -384,3 +384,28 @@ def sample_inputs(size: int = 32, seed: int = 0) -> dict[str, object]:
         "height": size,
         "width": size,
     }
+
+
+# -- Pipeline families --------------------------------------------------------------------------------
+# Tiny Flux text-to-image, Kontext, SD3, SDXL and SD 1.5 pipelines built from the Fill one's parts
+# (testing/builders.py), and every family's injection sites and call arguments, Fill's included
+# (testing/families.py).
+
+from guarded_diffusers.testing.builders import (  # noqa: E402
+    tiny_flux_kontext_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
+from guarded_diffusers.testing.families import FAMILIES, Family  # noqa: E402
+
+__all__ += [
+    "FAMILIES",
+    "Family",
+    "tiny_flux_kontext_pipeline",
+    "tiny_flux_pipeline",
+    "tiny_sd3_pipeline",
+    "tiny_sd15_pipeline",
+    "tiny_sdxl_pipeline",
+]
