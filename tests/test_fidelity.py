@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,7 @@ def test_two_degraded_incidents_in_one_call_warn_once(tmp_path):
 
     assert [incident.degraded for incident in output.guard_report.incidents] == [True, True]
     assert len(warned) == 1
+    assert Path(warned[0].filename).name == "conftest.py"  # points at the pipeline's caller (fill)
 
 
 def test_strict_fidelity_raises_instead_of_keeping_a_degraded_fix(saved_model):

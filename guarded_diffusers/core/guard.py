@@ -193,7 +193,7 @@ class Guard:
                         f"{', '.join(i.module or i.stage for i in call.report.incidents if i.degraded)}; "
                         "the image is finite but may differ from float32's. See `guard_report`."
                     ),
-                    stacklevel=4,  # the caller of the pipeline: watching, contextlib, __call__
+                    stacklevel=5,  # the pipeline's caller: watching, contextlib, _guarded_call, __call__
                 )
         finally:
             for handle in handles:
