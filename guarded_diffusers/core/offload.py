@@ -40,12 +40,34 @@ def stored(layer: nn.Module, attr: str) -> torch.Tensor:
     return weights_map[attr] if weights_map is not None else tensor
 
 
+def _group(module: nn.Module) -> object | None:
+    """The ``ModuleGroup`` whose hook sits on ``module`` itself, if group offloading put one there."""
+    registry = module.__dict__.get("_diffusers_hook")
+    hook = registry.get_hook(_GROUP_OFFLOADING_HOOK) if registry is not None else None
+    return getattr(hook, "group", None)
+
+
+def emptied_after_forward(layer: nn.Module, name: str) -> str | None:
+    """Why ``layer``'s weights hold no values once its own forward has returned; ``None`` if they do.
+
+    A group offloaded to disk replaces its tensors with empty ones at each offload, so a layer that is
+    its own group (leaf level) has nothing left to compute with in a hook that runs after its forward.
+    Other offloading leaves the values readable: in the module (moved to the offload device), in
+    pinned copies, or in accelerate's ``weights_map`` (``stored``).
+    """
+    group = _group(layer)
+    if group is None or not group.offload_to_disk_path:
+        return None
+    return (
+        f"{name} is group-offloaded to disk on its own (leaf level): its weights are emptied as soon as "
+        "its forward returns"
+    )
+
+
 def reloading_blocker(component: nn.Module, name: str) -> str | None:
     """Why a fix changing ``component``'s tensors would not survive its next forward; ``None`` if it would."""
     for module in component.modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        hook = registry.get_hook(_GROUP_OFFLOADING_HOOK) if registry is not None else None
-        group = getattr(hook, "group", None)
+        group = _group(module)
         if group is None:
             continue
         if group.offload_to_disk_path:

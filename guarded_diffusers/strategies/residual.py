@@ -20,6 +20,12 @@ own way of computing: the producer's scaled-down matmul goes through the layer's
 (its library dequantizes or casts as usual), and its bias, added there in the compute dtype, is
 taken off and added again in float32. Other layers cast a float32 stream to the dtype they compute
 in, not to their stored weight's (packed bytes or float8 storage).
+
+Offloaded layers: the producer's recompute runs in a hook after its forward, when offloading has
+put its weights away again. It reads them where they are kept (accelerate's ``weights_map`` for
+parameters on the meta device, the module's own tensors on the offload device under group
+offloading) and moves them to the input's device. A layer that group offloading to disk makes its
+own group (leaf level) has empty tensors by then: the strategy declines there, naming it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import nn
 from ..core.context import in_guarded_call
 from ..core.hookspecs import hookimpl
 from ..core.locate import Location
+from ..core.offload import emptied_after_forward, stored
 from ..core.quantized import compute_dtype, kind
 from ..core.recovery import Declined, ModuleLookup
 from .hooks import HookFix
@@ -68,11 +75,23 @@ def _cast_to_weight_dtype(layer: nn.Module, args: tuple) -> tuple | None:
     return (args[0].to(dtype), *args[1:])
 
 
+def _loaded(layer: nn.Module, attr: str, like: torch.Tensor) -> torch.Tensor | None:
+    """``layer.<attr>`` as its forward saw it, on ``like``'s device. The hook runs after the forward,
+    when accelerate's ``cpu_offload`` has put the parameter back on the meta device (its values are in
+    the hook's ``weights_map``, loaded in the parameter's dtype) and group offloading may have moved it
+    to the offload device. Without offloading this is the parameter itself."""
+    tensor = getattr(layer, attr)
+    if tensor is None:
+        return None
+    return stored(layer, attr).to(device=like.device, dtype=tensor.dtype)
+
+
 def _scaled_float32(layer: nn.Module, x: torch.Tensor, exponent: int) -> torch.Tensor:
     """``layer(x)`` in float32: the matmul in the layer's dtype on ``x * 2**-exponent`` (exact), then
     scaled back up and the bias added in float32."""
     scaled = x * 2.0**-exponent
-    bias = layer.bias.float() if layer.bias is not None else None
+    bias = _loaded(layer, "bias", x)
+    bias = bias.float() if bias is not None else None
     shape = [1] * x.dim()
     shape[-1 if isinstance(layer, nn.Linear) else 1] = -1
     if kind(layer) is not None:
@@ -82,9 +101,9 @@ def _scaled_float32(layer: nn.Module, x: torch.Tensor, exponent: int) -> torch.T
         if bias is not None:
             output = output - bias.view(shape)
     elif isinstance(layer, nn.Linear):
-        output = F.linear(scaled, layer.weight).float()
+        output = F.linear(scaled, _loaded(layer, "weight", x)).float()
     else:
-        output = layer._conv_forward(scaled, layer.weight, None).float()
+        output = layer._conv_forward(scaled, _loaded(layer, "weight", x), None).float()
     output = output * 2.0**exponent
     return output if bias is None else output + bias.view(shape)
 
@@ -129,6 +148,8 @@ class ResidualStrategy:
             raise Declined(f"{producer.name} already computes in {dtype}")
         if location.absmax is None or not math.isfinite(location.absmax):
             raise Declined(f"{producer.name} is non-finite in float32 too: not a range overflow")
+        if reason := emptied_after_forward(producer.module, producer.name):
+            raise Declined(f"{reason}, where residual recomputes its output")
         component = location.calls[-1]
         exponent = _exponent(location.absmax, dtype)
         return _install(component.module, producer.module, producer.name, exponent)
@@ -140,6 +161,8 @@ class ResidualStrategy:
             raise ValueError(
                 f"residual changes a Linear or convolution; {module_name} is {type(producer).__name__}."
             )
+        if reason := emptied_after_forward(producer, module_name):
+            raise ValueError(f"{reason}, where residual recomputes its output.")
         dtype = compute_dtype(producer)
         largest = (
             math.floor(math.log2(torch.finfo(dtype).max))
