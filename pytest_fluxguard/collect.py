@@ -1,11 +1,11 @@
-"""Zero-code items: one per weight variant x dtype x mode of the ``--fluxguard-model`` folder.
+"""Zero-code items: one per weight variant x dtype x mode of the ``--fluxguard-model`` folder, or,
+with ``--fluxguard-lora``, one per LoRA x dtype x mode on the model's default weights.
 
 Collecting reads file names only; torch, diffusers and hypothesis load when the first item runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,24 +13,14 @@ from typing import Any
 import pytest
 
 from .failures import FluxGuardFailure
-from .model_folder import NotAFluxFillModel, variant_label, weight_variants
+from .model_folder import NotAFluxFillModel, NotALoRA, check_lora, lora_labels, variant_label, weight_variants
 from .options import FluxGuardOptions
 from .pipelines import PipelineCache
 from .summary import ItemStats
+from .target import Target
 
 OPTIONS_KEY = pytest.StashKey[FluxGuardOptions]()
 PIPELINES_KEY = pytest.StashKey[PipelineCache]()
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """What one item fuzzes; ``reference_variant`` gives the float32 reference for --fluxguard-min-psnr."""
-
-    path: Path
-    variant: str | None
-    dtype: str
-    mode: str
-    reference_variant: str | None
 
 
 def collector_name(model: Path, rootdir: Path) -> str:
@@ -49,12 +39,26 @@ class FluxGuardModel(pytest.Collector):
             variants = weight_variants(self.path)
         except NotAFluxFillModel as error:
             raise self.CollectError(f"--fluxguard-model: {error}") from None
+        if options.loras:
+            for lora in options.loras:
+                try:
+                    check_lora(lora)
+                except NotALoRA as error:
+                    raise self.CollectError(f"--fluxguard-lora: {error}") from None
+            for lora, label in zip(options.loras, lora_labels(options.loras), strict=True):
+                yield from self._items(label, variants[0], variants[0], lora)
+            return
         for variant in variants:
-            for dtype in options.dtypes:
-                for mode in options.modes:
-                    target = Target(self.path, variant, dtype, mode, reference_variant=variants[0])
-                    name = f"{variant_label(variant)}/{dtype}/{mode}"
-                    yield FluxGuardItem.from_parent(self, name=name, target=target)
+            yield from self._items(variant_label(variant), variant, variants[0], None)
+
+    def _items(
+        self, label: str, variant: str | None, reference: str | None, lora: Path | None
+    ) -> Iterator[FluxGuardItem]:
+        options = self.config.stash[OPTIONS_KEY]
+        for dtype in options.dtypes:
+            for mode in options.modes:
+                target = Target(self.path, variant, dtype, mode, reference_variant=reference, lora=lora)
+                yield FluxGuardItem.from_parent(self, name=f"{label}/{dtype}/{mode}", target=target)
 
 
 class FluxGuardItem(pytest.Item):

@@ -1,4 +1,4 @@
-"""The two ways a fuzzed example fails, kept free of heavy imports so collection can name them."""
+"""The ways a fuzzed example fails, kept free of heavy imports so collection can name them."""
 
 from __future__ import annotations
 
@@ -18,6 +18,23 @@ class ExampleFailed(AssertionError):
         self.example = example
         self.images = images
         self.report = report
+
+
+_CLASSES: dict[tuple[str, str], type[ExampleFailed]] = {}
+
+
+def failure_class(kind: str, where: str | None = None) -> type[ExampleFailed]:
+    """An ExampleFailed subclass per kind of failure and offending module, made once per session.
+
+    hypothesis tells failures apart by their exception type and where it was raised: one class per
+    module makes an overflow in T5 and one in the VAE two failures, each shrunk and reported, where
+    a single class would merge them into whichever hypothesis found first.
+    """
+    key = (kind, where or "")
+    if key not in _CLASSES:
+        name = f"ExampleFailed[{kind}{' at ' + where if where else ''}]"
+        _CLASSES[key] = type(name, (ExampleFailed,), {"__module__": __name__, "__qualname__": name})
+    return _CLASSES[key]
 
 
 class FluxGuardFailure(Exception):

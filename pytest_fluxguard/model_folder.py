@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 PIPELINE_CLASS = "FluxFillPipeline"
@@ -20,6 +21,10 @@ _INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index(?:\.(?P<variant>[^.]+))
 
 class NotAFluxFillModel(Exception):
     """The folder cannot be fuzzed; the message says what is missing or wrong."""
+
+
+class NotALoRA(Exception):
+    """A --fluxguard-lora path holds no LoRA weights; the message says why."""
 
 
 def variant_label(variant: str | None) -> str:
@@ -57,3 +62,25 @@ def weight_variants(folder: Path) -> list[str | None]:
     if not found:
         raise NotAFluxFillModel(f"{folder} has no weight files (*.safetensors or *.bin) in its components.")
     return sorted(found, key=lambda variant: (variant is not None, variant or ""))
+
+
+def check_lora(path: Path) -> None:
+    """Raise NotALoRA unless ``path`` is a LoRA file or a folder holding LoRA weights."""
+    if path.is_file() and path.suffix in (".safetensors", ".bin"):
+        return
+    if not path.is_dir():
+        raise NotALoRA(f"{path} is neither a folder nor a .safetensors file.")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise NotALoRA(
+            f"{path} holds no LoRA weights (*.safetensors, as pipe.save_lora_weights(folder) writes)."
+        )
+
+
+def lora_labels(paths: Sequence[Path]) -> list[str]:
+    """How each LoRA reads in an item id: ``<name>-lora``, numbered where two names are the same."""
+    labels, seen = [], {}
+    for path in paths:
+        label = f"{path.stem if path.is_file() else path.name}-lora"
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return labels

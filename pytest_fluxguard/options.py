@@ -28,13 +28,16 @@ class FluxGuardOptions:
     dtypes: tuple[str, ...]
     modes: tuple[str, ...]
     examples: int
-    max_size: int
+    max_size: int | None  # None: 16 latent patches, 2 * vae_scale_factor * 16 (256 px for Flux)
     max_steps: int
     max_sequence_length: int
-    max_guidance: float
+    max_guidance: float | None  # None: 100, raw items capped where the dtype cannot carry guidance x 1000
     min_psnr: float | None
     artifacts: Path
     device: str
+    loras: tuple[Path, ...] = ()
+    max_lora_scale: float = 1.5
+    max_shrinks: int = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,12 @@ _OPTIONS = (
     _Option("dtype", "LIST", "float16,bfloat16", f"Comma-separated dtypes to test, of {', '.join(DTYPES)}."),
     _Option("mode", "LIST", "raw,guarded", "Comma-separated modes: raw (FluxFillPipeline), guarded."),
     _Option("examples", "N", "10", "Hypothesis examples per item (and per fluxguard-marked @given test)."),
-    _Option("max_size", "PX", "256", "Largest generated height and width, in pixels."),
+    _Option(
+        "max_size",
+        "PX",
+        "",
+        "Largest generated height and width, in pixels (default 16 latent patches: 256 for Flux).",
+    ),
     _Option("max_steps", "N", "4", "Most inference steps a generated example asks for."),
     _Option(
         "max_sequence_length", "TOKENS", "512", "T5 prompt length the pipeline is called with (Flux dev 512)."
@@ -66,8 +74,9 @@ _OPTIONS = (
     _Option(
         "max_guidance",
         "SCALE",
-        "100",
-        "Largest generated guidance_scale; float16 Flux overflows above 65.5 (guidance x 1000).",
+        "",
+        "Largest generated guidance_scale (default 100; raw float16 items 65.5, where diffusers' "
+        "guidance x 1000 still fits). Given, every item draws up to it.",
     ),
     _Option("min_psnr", "DB", "", "Guarded items also fail below this PSNR against the float32 output."),
     _Option(
@@ -76,6 +85,20 @@ _OPTIONS = (
     _Option(
         "device", "NAME", "auto", f"Device to run on, of {', '.join(DEVICES)}; auto picks cuda if present."
     ),
+    _Option("lora_scale", "MAX", "1.5", "Largest LoRA scale drawn for --fluxguard-lora items (from 0)."),
+    _Option(
+        "max_shrinks",
+        "N",
+        "50",
+        "Pipeline calls an item spends shrinking, per distinct failure (0: report each as found).",
+    ),
+)
+_LORA = _Option(
+    "lora",
+    "PATH",
+    "",
+    "A LoRA (folder for pipe.load_lora_weights) to fuzz on --fluxguard-model; repeat for more. "
+    "Items per LoRA x dtype x mode replace the model's own.",
 )
 
 
@@ -85,6 +108,10 @@ def add_options(parser: pytest.Parser) -> None:
     for option in _OPTIONS:
         group.addoption(option.flag, dest=option.ini, metavar=option.metavar, default=None, help=option.help)
         parser.addini(option.ini, option.help, type="string", default=option.default)
+    group.addoption(
+        _LORA.flag, dest=_LORA.ini, metavar=_LORA.metavar, action="append", default=None, help=_LORA.help
+    )
+    parser.addini(_LORA.ini, _LORA.help + " One path a line.", type="linelist", default=[])
 
 
 def _choices(option: str, allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -131,6 +158,21 @@ def _raw_value(config: pytest.Config, option: _Option) -> tuple[str, Path]:
     return config.getini(option.ini), base
 
 
+def _loras(config: pytest.Config) -> tuple[Path, ...]:
+    """--fluxguard-lora paths relative to the invocation directory, else the ini's relative to its file."""
+    given = config.getoption(_LORA.ini)
+    if given:
+        base, paths = config.invocation_params.dir, given
+    else:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        paths = config.getini(_LORA.ini)
+    return tuple(dict.fromkeys((base / path).resolve() for path in paths if path.strip()))
+
+
+def _optional(parse: Callable[[str], Any], value: str) -> Any:
+    return parse(value) if value else None
+
+
 def resolve(config: pytest.Config) -> FluxGuardOptions:
     """Read every option (command line, then ini, then default) and check it."""
     raw = {option.field: _raw_value(config, option) for option in _OPTIONS}
@@ -138,6 +180,11 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
     model, model_base = raw["model"]
     artifacts, artifacts_base = raw["artifacts"]
     min_psnr = raw["min_psnr"][0]
+    loras = _loras(config)
+    if loras and not model:
+        raise pytest.UsageError(
+            f"{_LORA.flag} needs the base model: --fluxguard-model PATH (or fluxguard_model)."
+        )
     device = _choices(flag["device"], DEVICES)(raw["device"][0])
     if len(device) != 1:
         raise pytest.UsageError(f"{flag['device']} takes one device, got {raw['device'][0]!r}.")
@@ -146,11 +193,14 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
         dtypes=check_dtypes(raw["dtype"][0], flag["dtype"]),
         modes=_choices(flag["mode"], MODES)(raw["mode"][0]),
         examples=_bounded(flag["examples"], int, 1)(raw["examples"][0]),
-        max_size=_bounded(flag["max_size"], int, 1)(raw["max_size"][0]),
+        max_size=_optional(_bounded(flag["max_size"], int, 1), raw["max_size"][0]),
         max_steps=_bounded(flag["max_steps"], int, 1)(raw["max_steps"][0]),
         max_sequence_length=_bounded(flag["max_sequence_length"], int, 1)(raw["max_sequence_length"][0]),
-        max_guidance=_bounded(flag["max_guidance"], float, 0.0)(raw["max_guidance"][0]),
-        min_psnr=_bounded(flag["min_psnr"], float, 0.0)(min_psnr) if min_psnr else None,
+        max_guidance=_optional(_bounded(flag["max_guidance"], float, 0.0), raw["max_guidance"][0]),
+        min_psnr=_optional(_bounded(flag["min_psnr"], float, 0.0), min_psnr),
         artifacts=(artifacts_base / artifacts).resolve(),
         device=device[0],
+        loras=loras,
+        max_lora_scale=_bounded(flag["lora_scale"], float, 0.0)(raw["lora_scale"][0]),
+        max_shrinks=_bounded(flag["max_shrinks"], int, 0)(raw["max_shrinks"][0]),
     )

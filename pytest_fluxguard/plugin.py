@@ -15,9 +15,9 @@ import pytest
 
 from .collect import OPTIONS_KEY, PIPELINES_KEY, FluxGuardModel, collector_name
 from .options import add_options, check_dtypes, resolve
-from .pipelines import PipelineCache
+from .pipelines import LoRAUnavailable, PipelineCache
 from .profile import PROFILE, fluxguard_settings, register_profile
-from .summary import ItemStats, table
+from .summary import ItemStats, limitations, table
 
 MARKER = "fluxguard"
 _MARKER_ARGUMENTS = ("examples", "dtypes")
@@ -117,10 +117,11 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def fluxguard_pipeline(pytestconfig: pytest.Config) -> Callable[..., Any]:
-    """``fluxguard_pipeline(path=None, *, variant=None, dtype="float16", guarded=False)`` -> pipeline.
+    """``fluxguard_pipeline(path=None, *, variant=None, dtype="float16", guarded=False, lora=None)``.
 
     Loaded once per session and (path, variant, dtype); ``guarded`` gives GuardedFluxFillPipeline
-    on the same modules. ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
+    on the same modules; ``lora``, a LoRA folder loaded onto them (and unloaded when a later call asks
+    for another or none). ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
     with any guard fixes undone, as loaded from disk; within a test, a guarded call's fixes also
     show in the raw pipeline of the same weights until ``guard.reset()``.
     """
@@ -133,13 +134,17 @@ def fluxguard_pipeline(pytestconfig: pytest.Config) -> Callable[..., Any]:
         variant: str | None = None,
         dtype: Any = "float16",
         guarded: bool = False,
+        lora: str | Path | None = None,
     ) -> Any:
         folder = path if path is not None else options.model
         if folder is None:
             pytest.fail(
                 "fluxguard_pipeline() needs a path, or --fluxguard-model / fluxguard_model.", pytrace=False
             )
-        return pipelines.get(folder, variant, dtype, guarded=guarded)
+        try:
+            return pipelines.get(folder, variant, dtype, guarded=guarded, lora=lora)
+        except LoRAUnavailable as error:
+            pytest.fail(str(error), pytrace=False)
 
     return load
 
@@ -159,6 +164,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             if stats is not None and getattr(report, "when", None) == "call":
                 rows[report.nodeid] = stats
     if rows:
+        rows = dict(sorted(rows.items()))
         terminalreporter.write_sep("=", "fluxguard summary")
-        for line in table(dict(sorted(rows.items()))):
+        for line in [*table(rows), *limitations(rows)]:
             terminalreporter.write_line(line)

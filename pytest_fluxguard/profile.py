@@ -17,8 +17,10 @@ from typing import Any
 PROFILE = "fluxguard"
 
 
-def fluxguard_settings(rootdir: Path, max_examples: int | None = None, parent: Any = None) -> Any:
-    """``parent`` (default: the loaded profile) with the settings above and ``max_examples``."""
+def fluxguard_settings(
+    rootdir: Path, max_examples: int | None = None, parent: Any = None, verbosity: Any = None
+) -> Any:
+    """``parent`` (default: the loaded profile) with the settings above and the arguments given."""
     from hypothesis import HealthCheck, settings
     from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -32,6 +34,8 @@ def fluxguard_settings(rootdir: Path, max_examples: int | None = None, parent: A
         overrides["database"] = DirectoryBasedExampleDatabase(rootdir / ".hypothesis" / "examples")
     if max_examples is not None:
         overrides["max_examples"] = max_examples
+    if verbosity is not None:
+        overrides["verbosity"] = verbosity
     return settings(parent, **overrides)
 
 

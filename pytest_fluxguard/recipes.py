@@ -19,11 +19,13 @@ __all__ = [
     "blob_mask",
     "border_mask",
     "empty_mask",
+    "exposed_image",
     "extreme_image",
     "flat_image",
     "full_mask",
     "gradient_image",
     "noise_image",
+    "outpaint_mask",
     "recipe",
     "rectangle_mask",
     "repeated_words",
@@ -76,6 +78,14 @@ def rectangle_mask(height: int, width: int, top: int, left: int, rows: int, colu
     """A ``rows`` x ``columns`` rectangle from (``top``, ``left``), cut off where it leaves the picture."""
     painted = np.zeros((height, width), dtype=bool)
     painted[top : top + rows, left : left + columns] = True
+    return _mask(painted)
+
+
+@_recorded
+def outpaint_mask(height: int, width: int, top: int, left: int, rows: int, columns: int) -> Image.Image:
+    """Everything painted but a ``rows`` x ``columns`` rectangle from (``top``, ``left``): outpainting."""
+    painted = np.ones((height, width), dtype=bool)
+    painted[top : top + rows, left : left + columns] = False
     return _mask(painted)
 
 
@@ -137,6 +147,22 @@ def gradient_image(
     pixels = ramp[:, None, :] if vertical else ramp[None, :, :]
     pixels = np.broadcast_to(np.rint(pixels).astype(np.uint8), (height, width, 3))
     return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+@_recorded
+def exposed_image(height: int, width: int, seed: int, exposure: float) -> Image.Image:
+    """A smooth random picture (4 x 4 colours, interpolated) at ``exposure`` times its contrast, clipped:
+    from 2 or so, broad regions blow out to white and black, as in an overexposed photo."""
+    corners = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(4, 4, 3))
+    rows = np.linspace(0.0, 3.0, height)
+    columns = np.linspace(0.0, 3.0, width)
+    row0, column0 = np.minimum(rows.astype(int), 2), np.minimum(columns.astype(int), 2)
+    row_t, column_t = (rows - row0)[:, None, None], (columns - column0)[None, :, None]
+    top = corners[row0][:, column0] * (1 - column_t) + corners[row0][:, column0 + 1] * column_t
+    bottom = corners[row0 + 1][:, column0] * (1 - column_t) + corners[row0 + 1][:, column0 + 1] * column_t
+    smooth = top * (1 - row_t) + bottom * row_t
+    pixels = np.clip(127.5 + 127.5 * exposure * smooth, 0.0, 255.0)
+    return Image.fromarray(np.rint(pixels).astype(np.uint8))
 
 
 @_recorded

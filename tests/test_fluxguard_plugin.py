@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -16,20 +17,36 @@ else:  # hypothesis depends on the backport there
 
 import numpy as np
 import pytest
+import torch
+from diffusers import FluxFillPipeline
 from hypothesis import HealthCheck, given, settings
 
-from guarded_diffusers import GuardReport, Incident
-from guarded_diffusers.testing import SILENTLY_CLIPPED_SITES, save_tiny_pipeline, tiny_flux_fill_pipeline
+from guarded_diffusers import GuardReport, Incident, NonFiniteError
+from guarded_diffusers.testing import (
+    SILENTLY_CLIPPED_SITES,
+    TRIGGERED_SITES,
+    inject_overflow,
+    inject_triggered_overflow,
+    save_tiny_pipeline,
+    tiny_flux_fill_pipeline,
+    trigger_token_ids,
+)
 from pytest_fluxguard import recipes
-from pytest_fluxguard.collect import Target
-from pytest_fluxguard.failures import ExampleFailed
-from pytest_fluxguard.fuzz import GuardedCheck, _example_failures, _how_far
+from pytest_fluxguard.budget import BudgetSpent, ShrinkBudget
+from pytest_fluxguard.checks import GuardedCheck, _how_far
+from pytest_fluxguard.failures import ExampleFailed, failure_class
+from pytest_fluxguard.fuzz import _example_failures
 from pytest_fluxguard.inputs import FillInputs
 from pytest_fluxguard.model_folder import weight_variants
 from pytest_fluxguard.options import FluxGuardOptions
+from pytest_fluxguard.peaks import COMPONENTS, PeakMeter
 from pytest_fluxguard.pipelines import PipelineCache
+from pytest_fluxguard.search import guidance_limit, item_max_guidance
 from pytest_fluxguard.strategies import fill_inputs
 from pytest_fluxguard.summary import ItemStats
+from pytest_fluxguard.target import Target
+
+peft = pytest.importorskip("peft")
 
 pytest_plugins = ["pytester"]
 
@@ -51,7 +68,10 @@ NO_SHRINK = (
     "from hypothesis import Phase, settings\n"
     "settings.register_profile('no-shrink', phases=[Phase.explicit, Phase.reuse, Phase.generate])\n"
 )
-MAX_FAILURE_LINES = 40  # a failing item's whole section: message, guard report, PNGs, the example
+MAX_FAILURE_LINES = 60  # a failing item's whole section: message, guard report, PNGs, the example
+# What a failing item's output must never hold: library logging, loader and truncation notes, tqdm.
+NOISE = ("Captured", "truncated", "WARNING", "Loading", "it/s]", "%|", "\r", "torchao", "Hypothesis")
+LIMITATION = "known pipeline limitation (not the model's): raw items drew guidance_scale up to 65.5, not 100."
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +117,13 @@ def failure_section(output: str, title: str) -> list[str]:
         len(lines),
     )
     return lines[start:end]
+
+
+def assert_short_and_quiet(section: list[str]) -> None:
+    """A failing item's section fits a screen and holds none of the libraries' noise."""
+    assert len(section) <= MAX_FAILURE_LINES, "\n".join(section)
+    noisy = [line for line in section if any(word in line for word in NOISE)]
+    assert not noisy, noisy
 
 
 def test_importing_the_plugin_loads_neither_torch_nor_diffusers():
@@ -167,10 +194,8 @@ def test_a_folder_that_is_not_flux_fill_is_one_collection_error(pytester, index,
 
 
 def test_clean_model_passes_every_default_item_of_every_variant(pytester, clean_model):
-    # Above 65.5 the guidance itself overflows float16 in every Flux model (guidance x 1000).
-    result = pytester.runpytest(
-        f"--fluxguard-model={clean_model}", "--fluxguard-max-guidance=65", "-v", *FAST
-    )
+    # No --fluxguard-max-guidance: raw float16 items keep within what diffusers carries (guidance x 1000).
+    result = pytester.runpytest(f"--fluxguard-model={clean_model}", "-v", *FAST)
     result.assert_outcomes(passed=8)
     name = clean_model.name
     items = [
@@ -181,9 +206,55 @@ def test_clean_model_passes_every_default_item_of_every_variant(pytester, clean_
     ]
     result.stdout.fnmatch_lines_random([f"{name}::{item} PASSED*" for item in items])
     result.stdout.fnmatch_lines(
-        ["*= fluxguard summary =*", "item * examples  failures  recovered  first offending module"]
+        ["*= fluxguard summary =*", "item * examples  failures  recovered  peak * first offending module"]
     )
-    result.stdout.fnmatch_lines_random([f"{name}::{item} * 2 * 0 * 0  -" for item in items])
+    result.stdout.fnmatch_lines_random(
+        [f"{name}::{item} * 2 * 0 * 0 * -" for item in items if "guarded" not in item]
+    )
+    # The pipeline's own guidance limit is said once, as what it is, not counted against the model.
+    assert result.stdout.str().count(LIMITATION) == 1
+
+
+def test_a_clean_model_passes_every_default_item_with_ten_hypothesis_seeds(
+    pytester, tmp_path_factory, keeps_hypothesis_seed
+):
+    """Green by default: guidance, prompts and pictures drawn with defaults never fail a clean model.
+
+    Default dtypes, modes, guidance and prompt strategies; the smallest pictures, one step and short
+    prompts only to keep ten runs short: what fails a clean model by default is the guidance.
+    """
+    folder = tmp_path_factory.mktemp("clean-default-weights")
+    tiny_flux_fill_pipeline(seed=2).save_pretrained(folder)
+    small = ["--fluxguard-max-size=4", "--fluxguard-max-steps=1", "--fluxguard-max-sequence-length=8"]
+    for seed in range(10):
+        result = pytester.runpytest(
+            f"--fluxguard-model={folder}", f"--hypothesis-seed={seed}", "--fluxguard-examples=4", *small
+        )
+        assert result.ret == pytest.ExitCode.OK, f"seed {seed}:\n{result.stdout.str()}"
+        result.assert_outcomes(passed=4)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mode", "given", "expected"),
+    [
+        ("float16", "raw", None, (65.504, 65.504)),
+        ("bfloat16", "raw", None, (100.0, None)),
+        ("float16", "guarded", None, (100.0, None)),
+        ("float16", "raw", 100.0, (100.0, None)),  # an explicit option applies to every item
+        ("float16", "guarded", 20.0, (20.0, None)),
+    ],
+)
+def test_raw_items_draw_guidance_only_within_what_the_dtype_carries(dtype, mode, given, expected):
+    options = _options(max_guidance=given)
+    assert item_max_guidance(options, Target(Path("m"), None, dtype, mode, None)) == pytest.approx(expected)
+    assert guidance_limit("float16") == torch.finfo(torch.float16).max / 1000
+
+
+def test_the_guidance_limit_itself_passes_plain_float16_and_just_above_it_does_not(raw_and_detecting):
+    _, detecting = raw_and_detecting
+    detecting(**_fill_example(guidance=guidance_limit("float16")).pipeline_kwargs(), output_type="np")
+    with pytest.raises(NonFiniteError, match="time_proj"):
+        detecting(**_fill_example(guidance=65.6).pipeline_kwargs(), output_type="np")
 
 
 @settings(max_examples=4, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -213,7 +284,6 @@ def test_a_silently_clipped_model_fails_raw_float16_naming_the_saturated_module(
         f"--fluxguard-model={clipped_model}",
         "--fluxguard-dtype=float16,bfloat16",
         "--fluxguard-mode=raw",
-        "--fluxguard-max-guidance=65",
         "--hypothesis-profile=no-shrink",
         *FAST,
     )
@@ -231,24 +301,24 @@ def test_a_silently_clipped_model_fails_raw_float16_naming_the_saturated_module(
         ]
     )
     section = failure_section(result.stdout.str(), "weights/float16/raw")
-    assert len(section) <= MAX_FAILURE_LINES and not any("Captured" in line for line in section)
+    assert_short_and_quiet(section)
     name = clipped_model.name
     result.stdout.fnmatch_lines_random(
         [
             f"{name}::weights/float16/raw * {CLIPPED_MODULE}",
-            f"{name}::weights/bfloat16/raw * 2 * 0 * 0  -",
+            f"{name}::weights/bfloat16/raw * 2 * 0 * 0 * -",
         ]
     )
 
 
-def _fill_example(size: int = 4) -> FillInputs:
+def _fill_example(size: int = 4, guidance: float = 30.0, prompt: str = "") -> FillInputs:
     return FillInputs(
-        prompt="",
+        prompt=prompt,
         image=recipes.noise_image(height=size, width=size, seed=0),
         mask_image=recipes.full_mask(height=size, width=size),
         height=size,
         width=size,
-        guidance_scale=30.0,
+        guidance_scale=guidance,
         num_inference_steps=1,
         strength=1.0,
         num_images_per_prompt=1,
@@ -263,7 +333,7 @@ class _ReportingPipelines:
     def __init__(self, report: GuardReport) -> None:
         self.report = report
 
-    def get(self, path, variant=None, dtype="float16", guarded=False):
+    def get(self, path, variant=None, dtype="float16", guarded=False, lora=None):
         report = self.report
 
         class Pipeline:
@@ -275,12 +345,26 @@ class _ReportingPipelines:
         return Pipeline()
 
 
+def _options(**overrides) -> FluxGuardOptions:
+    fields = {
+        "model": None,
+        "dtypes": ("float16",),
+        "modes": ("guarded",),
+        "examples": 1,
+        "max_size": 16,
+        "max_steps": 1,
+        "max_sequence_length": 16,
+        "max_guidance": 65.0,
+        "min_psnr": None,
+        "artifacts": Path(".fluxguard"),
+        "device": "cpu",
+    }
+    return FluxGuardOptions(**{**fields, **overrides})
+
+
 def _guarded_check(report: GuardReport) -> GuardedCheck:
     target = Target(Path("model"), None, "float16", "guarded", reference_variant=None)
-    options = FluxGuardOptions(
-        None, ("float16",), ("guarded",), 1, 16, 1, 16, 65.0, None, Path(".fluxguard"), "cpu"
-    )
-    return GuardedCheck(target, options, _ReportingPipelines(report), ItemStats())
+    return GuardedCheck(target, _options(), _ReportingPipelines(report), ItemStats())
 
 
 def test_a_degraded_fix_fails_a_guarded_example_with_its_own_message():
@@ -333,7 +417,6 @@ def test_overflowing_model_fails_raw_float16_naming_the_module_and_passes_guarde
         f"--fluxguard-model={overflowing_model}",
         "--fluxguard-dtype=float16,bfloat16",
         "--fluxguard-min-psnr=20",
-        "--fluxguard-max-guidance=65",
         "--hypothesis-profile=no-shrink",
         *FAST,
     )
@@ -349,9 +432,9 @@ def test_overflowing_model_fails_raw_float16_naming_the_module_and_passes_guarde
             "*output-0.png",
             "*mask.png",
             "*image.png",
-            "*run_example(*",
-            "*example=FillInputs(*",
-            "*mask_image=*_mask(height=*",
+            "shrunk example (replay: pipe(**example.pipeline_kwargs(), output_type='np')):",
+            "FillInputs(",
+            "    mask_image=*_mask(height=*",
         ]
     )
     # A set: with CI set, pytest repeats the whole message in its short summary.
@@ -359,13 +442,13 @@ def test_overflowing_model_fails_raw_float16_naming_the_module_and_passes_guarde
     assert {Path(path).name for path in saved} >= {"output-0.png", "mask.png", "image.png"}
     assert all(Path(path).is_file() for path in saved)  # one output PNG per image of the call
     section = failure_section(result.stdout.str(), "weights/float16/raw")
-    assert len(section) <= MAX_FAILURE_LINES and not any("Captured" in line for line in section)
+    assert_short_and_quiet(section)
     name = overflowing_model.name
     result.stdout.fnmatch_lines_random(
         [
             f"{name}::weights/float16/raw * {OVERFLOWING_MODULE}",
             f"{name}::weights/float16/guarded * 2 * 0 * {OVERFLOWING_MODULE}",  # an example may recover twice
-            f"{name}::weights/bfloat16/raw * 2 * 0 * 0  -",
+            f"{name}::weights/bfloat16/raw * 2 * 0 * 0 * -",
         ]
     )
 
@@ -381,7 +464,7 @@ def test_summary_reaches_the_controller_under_xdist(pytester, overflowing_model)
         [
             "*= fluxguard summary =*",
             f"{name}::weights/float16/guarded * 2 * 0 * {OVERFLOWING_MODULE}",
-            f"{name}::weights/bfloat16/guarded * 2 * 0 * 0  -",
+            f"{name}::weights/bfloat16/guarded * 2 * 0 * 0 * -",
         ]
     )
 
@@ -437,3 +520,295 @@ def test_hand_written_tests_use_the_fixture_marker_and_strategies(pytester, over
             "*fluxguard takes only the keywords examples, dtypes*",
         ]
     )
+
+
+# -- search power: prompts from the model's own tokenizers, targeted, one failure per module ------------
+
+
+def test_each_offending_module_is_its_own_failure_class_so_hypothesis_keeps_them_apart():
+    t5, vae = failure_class("overflow", "text_encoder_2.x"), failure_class("overflow", "vae.encoder.conv_in")
+    assert t5 is failure_class("overflow", "text_encoder_2.x") and t5 is not vae
+    assert issubclass(t5, ExampleFailed) and issubclass(vae, ExampleFailed)
+    assert failure_class("degraded", "vae.encoder.conv_in") is not vae
+
+
+def test_the_peak_meter_reads_every_component_once_per_example(clean_model):
+    pipe = PipelineCache("cpu").get(clean_model, dtype="float16")
+    meter = PeakMeter()
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    with meter.measuring(pipe):
+        pipe(**_fill_example(size=8).pipeline_kwargs(), output_type="np")
+    torch.Tensor.tolist = counted
+    try:
+        peaks = meter.read()
+    finally:
+        torch.Tensor.tolist = original
+    assert set(peaks) == set(COMPONENTS) and len(reads) == 1
+    assert all(0.0 < ratio < 1.0 for ratio in peaks.values())  # over float16's maximum
+    assert not any(
+        module._forward_hooks or module._forward_pre_hooks for module in pipe.transformer.modules()
+    )
+
+
+@pytest.fixture(scope="module")
+def triggered_pipelines(tmp_path_factory: pytest.TempPathFactory):
+    """``triggered_pipelines(site)`` -> {dtype name: detect-only pipeline}; each model saved once."""
+    cache = PipelineCache("cpu", capacity=3)
+    folders = {}
+
+    def get(site):
+        if site not in folders:
+            folders[site] = tmp_path_factory.mktemp(site)
+            pipe = tiny_flux_fill_pipeline(seed=0)
+            inject_triggered_overflow(pipe, site)
+            pipe.save_pretrained(folders[site])
+        return {
+            dtype: cache.detecting(folders[site], dtype=dtype) for dtype in ("float32", "bfloat16", "float16")
+        }
+
+    return get
+
+
+@pytest.fixture
+def keeps_hypothesis_seed():
+    """pytester runs in this process, where --hypothesis-seed forces the seed of every later test: undo it."""
+    from hypothesis import core
+
+    seed = core.global_force_seed
+    yield
+    core.global_force_seed = seed
+
+
+def _trigger_text(site: str) -> str:
+    pipe = tiny_flux_fill_pipeline(seed=0)
+    if site == "t5_tokens":
+        return pipe.tokenizer_2.decode(trigger_token_ids(pipe.tokenizer_2)[:1])
+    token = trigger_token_ids(pipe.tokenizer)[0]
+    return pipe.tokenizer.decode([token, token])
+
+
+def _triggering(site: str, size: int = 16) -> FillInputs:
+    """An example that sets ``site`` off; ``_quiet_example`` is the same call that does not."""
+    example = _quiet_example(size)
+    if site in ("t5_tokens", "clip_tokens"):
+        return dataclasses.replace(example, prompt=f"a red cat {_trigger_text(site)} on the moon")
+    if site == "mask_coverage":
+        mask = recipes.outpaint_mask(height=size, width=size, top=4, left=4, rows=1, columns=2)
+        return dataclasses.replace(
+            example, image=recipes.flat_image(size, size, (200, 40, 90)), mask_image=mask
+        )
+    return dataclasses.replace(example, image=recipes.extreme_image(height=size, width=size, pattern="white"))
+
+
+def _quiet_example(size: int = 16) -> FillInputs:
+    return dataclasses.replace(
+        _fill_example(size, prompt="a red cat on the moon"),  # none of the trigger tokens
+        image=recipes.noise_image(height=size, width=size, seed=1),
+        mask_image=recipes.rectangle_mask(height=size, width=size, top=4, left=4, rows=8, columns=8),
+    )
+
+
+@pytest.mark.parametrize("site", list(TRIGGERED_SITES))
+def test_a_triggered_model_overflows_float16_only_for_its_trigger(triggered_pipelines, site):
+    pipes = triggered_pipelines(site)
+    for dtype, pipe in pipes.items():
+        pipe(**_quiet_example().pipeline_kwargs(), output_type="np")
+        if dtype != "float16":
+            pipe(**_triggering(site).pipeline_kwargs(), output_type="np")
+    with pytest.raises(NonFiniteError) as error:
+        pipes["float16"](**_triggering(site).pipeline_kwargs(), output_type="np")
+    module = inject_triggered_overflow(tiny_flux_fill_pipeline(), site)
+    assert error.value.report.incidents[0].module == module
+
+
+@pytest.mark.parametrize("encoder", ["tokenizer", "tokenizer_2"])
+def test_prompts_reach_a_few_trigger_tokens_within_the_default_examples_for_most_seeds(encoder):
+    """The prompt strategy alone, as a raw item draws it (10 examples, hypothesis seeds 0 to 19): the
+    first example holding one of three token ids drawn from the seed. bench/search.py measures the
+    same on the models themselves."""
+    from hypothesis import Phase
+    from hypothesis import seed as hypothesis_seed
+
+    from pytest_fluxguard.vocabulary import pipeline_vocabularies
+
+    pipe = tiny_flux_fill_pipeline()
+    tokenizer = getattr(pipe, encoder)
+    window = 75 if encoder == "tokenizer" else 512  # what CLIP and T5 read of a prompt
+    strategy = fill_inputs(max_size=16, multiple=4, vocabularies=pipeline_vocabularies(pipe, 512))
+    hits: list[bool] = []
+    triggers: set[int] = set()
+
+    @settings(max_examples=10, database=None, deadline=None, phases=[Phase.generate])
+    @given(example=strategy)
+    def draw(example):
+        ids = tokenizer(example.prompt, add_special_tokens=False).input_ids[:window]
+        hits.append(bool(triggers & set(ids)))
+
+    found = 0
+    for seed in range(20):
+        hits.clear()
+        triggers.clear()
+        triggers.update(trigger_token_ids(tokenizer, seed=seed))
+        hypothesis_seed(seed)(draw)()
+        found += any(hits)
+    assert found >= 18
+
+
+def test_the_shrink_budget_grants_calls_per_distinct_failure_and_keeps_the_shortest_example():
+    budget = ShrinkBudget(calls=2)
+    long, short = _fill_example(prompt="a long prompt"), _fill_example(prompt="a")
+    t5, vae = failure_class("overflow", "text_encoder_2.x"), failure_class("overflow", "vae.encoder.x")
+    budget.spend()  # before any failure, calls are free
+    budget.failed(long, t5("t5", long))
+    for _ in range(2):
+        budget.spend()
+    with pytest.raises(BudgetSpent):
+        budget.spend()
+    budget.failed(short, t5("t5", short))  # the same kind again: no more calls, a shorter example
+    budget.failed(long, vae("vae", long))  # a new kind: two more calls
+    budget.spend()
+    assert budget.known(short).example is short
+    assert [(type(f), f.example) for f in budget.smallest()] == [(t5, short), (vae, long)]
+    with pytest.raises(BudgetSpent):
+        budget.spend()
+
+
+def test_overflows_in_two_modules_are_two_failures_each_shrunk(
+    pytester, tmp_path_factory, keeps_hypothesis_seed
+):
+    """The VAE encoder overflows for saturated pixels, the decoder for every input: two failures.
+
+    A saturated image fails at the encoder, which runs before the decoder; every other call fails at
+    the decoder. One failure class would merge them into whichever hypothesis found first; one class
+    per module keeps both, each shrunk on its own (here for 20 calls each: the prompt goes first).
+    """
+    folder = tmp_path_factory.mktemp("two-modules")
+    pipe = tiny_flux_fill_pipeline(seed=0)
+    encoder = inject_triggered_overflow(pipe, "image_saturation")
+    decoder = inject_overflow(pipe, "vae_decoder")
+    pipe.save_pretrained(folder)
+    result = pytester.runpytest(
+        f"--fluxguard-model={folder}",
+        "--fluxguard-dtype=float16",
+        "--fluxguard-mode=raw",
+        "--hypothesis-seed=0",
+        "--fluxguard-max-size=8",
+        "--fluxguard-max-steps=1",
+        "--fluxguard-max-sequence-length=8",
+        "--fluxguard-max-shrinks=20",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(failed=1)
+    section = failure_section(result.stdout.str(), "weights/float16/raw")
+    assert_short_and_quiet(section)
+    text = "\n".join(section)
+    assert "1 more distinct failure(s), each shrunk" in text
+    problems = re.findall(r"(?:first module to go non-finite: |overflows at \w+ in )(\S+)", text)
+    assert sorted(problems) == sorted([encoder, decoder]), problems
+    assert re.findall(r"prompt=('.*?'),", text) == ["''", "''"]
+
+
+# -- LoRA repositories -----------------------------------------------------------------------------------
+
+
+def _save_lora(folder: Path, hot: bool) -> Path:
+    """A tiny LoRA on the clean model's single blocks, saved as diffusers' save_lora_weights writes it.
+
+    ``hot``: rank 1, alpha 8192, reading one direction of proj_mlp's input into four channels: past
+    float16's range from a LoRA scale of about 1, never at 0.1. Otherwise a small random LoRA.
+    """
+    pipe = tiny_flux_fill_pipeline(seed=1)
+    torch.manual_seed(3)
+    rank, alpha = (1, 8192) if hot else (4, 4)
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=["proj_mlp", "to_q"], init_lora_weights=False
+    )
+    pipe.transformer.add_adapter(config, adapter_name="lora")
+    if hot:
+        with torch.no_grad():
+            for module in pipe.transformer.modules():
+                if hasattr(module, "lora_A") and "lora" in module.lora_A:
+                    direction = torch.randn(module.lora_A["lora"].weight.shape[1])
+                    module.lora_A["lora"].weight[0] = direction / direction.norm()
+                    module.lora_B["lora"].weight.zero_()
+                    module.lora_B["lora"].weight[:4, 0] = 8.0
+    state = peft.utils.get_peft_model_state_dict(pipe.transformer, adapter_name="lora")
+    FluxFillPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=pipe.transformer.peft_config["lora"].to_dict(),
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        "fox": _save_lora(tmp_path_factory.mktemp("fox"), hot=False),
+        "hot": _save_lora(tmp_path_factory.mktemp("hot"), hot=True),
+    }
+
+
+def test_each_lora_is_items_per_dtype_and_mode_with_an_ini_twin(pytester, clean_model, loras):
+    shutil.copytree(loras["fox"], pytester.path / "fox")
+    pytester.makeini("[pytest]\nfluxguard_lora =\n    fox\n")
+    result = pytester.runpytest(
+        f"--fluxguard-model={clean_model}", "--fluxguard-mode=raw", "--collect-only", "-q"
+    )
+    name = clean_model.name
+    result.stdout.fnmatch_lines(
+        [f"{name}::fox-lora/float16/raw", f"{name}::fox-lora/bfloat16/raw", "2 tests collected*"]
+    )
+    result = pytester.runpytest(
+        f"--fluxguard-model={clean_model}",
+        f"--fluxguard-lora={loras['fox']}",
+        f"--fluxguard-lora={loras['hot']}",
+        "--fluxguard-dtype=float16",
+        "--collect-only",
+        "-q",
+    )
+    result.stdout.fnmatch_lines_random(
+        [f"{name}::{lora.name}-lora/float16/{mode}" for lora in loras.values() for mode in ("raw", "guarded")]
+    )
+    result.stdout.fnmatch_lines(["4 tests collected*"])
+
+
+def test_a_lora_without_a_base_model_or_without_weights_is_an_error_naming_the_option(pytester, loras):
+    result = pytester.runpytest(f"--fluxguard-lora={loras['fox']}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--fluxguard-lora needs the base model: --fluxguard-model PATH*"])
+    empty = pytester.mkdir("empty-lora")
+    result = pytester.runpytest(f"--fluxguard-model={pytester.path}", f"--fluxguard-lora={empty}")
+    assert result.ret != pytest.ExitCode.OK
+
+
+def test_a_clean_lora_passes_and_a_hot_one_fails_raw_float16_with_its_drawn_scale(
+    pytester, clean_model, loras, keeps_hypothesis_profile
+):
+    pytester.makeconftest(NO_SHRINK)
+    common = [
+        f"--fluxguard-model={clean_model}",
+        "--fluxguard-dtype=float16",
+        "--hypothesis-profile=no-shrink",
+    ]
+    result = pytester.runpytest(*common, f"--fluxguard-lora={loras['fox']}", *FAST)
+    result.assert_outcomes(passed=2)
+    options = [*common, f"--fluxguard-lora={loras['hot']}", "--fluxguard-mode=raw", "--fluxguard-examples=8"]
+    result = pytester.runpytest(*options, *FAST[1:])
+    result.assert_outcomes(failed=1)
+    section = failure_section(result.stdout.str(), f"{loras['hot'].name}-lora/float16/raw")
+    assert_short_and_quiet(section)
+    scales = [
+        float(value) for value in re.findall(r"^    lora_scale=([0-9.e-]+),$", "\n".join(section), re.M)
+    ]
+    assert len(scales) == 1 and 0.1 < scales[0] <= 1.5
+    # Told a smaller range, the same LoRA passes: the scale really is drawn per call.
+    result = pytester.runpytest(*options, "--fluxguard-lora-scale=0.1", *FAST[1:])
+    result.assert_outcomes(passed=1)

@@ -386,6 +386,32 @@ def sample_inputs(size: int = 32, seed: int = 0) -> dict[str, object]:
     }
 
 
+# -- Input-triggered overflows ------------------------------------------------------------------------
+# Sites that overflow float16 for some inputs only (guarded_diffusers/testing/triggers.py).
+
+from guarded_diffusers.testing.triggers import (  # noqa: E402
+    TRIGGERED_SITES,
+    inject_image_saturation_overflow,
+    inject_mask_coverage_overflow,
+    inject_token_overflow,
+    inject_triggered_overflow,
+    reachable_token_ids,
+    save_triggered_pipeline,
+    trigger_token_ids,
+)
+
+__all__ += [
+    "TRIGGERED_SITES",
+    "inject_image_saturation_overflow",
+    "inject_mask_coverage_overflow",
+    "inject_token_overflow",
+    "inject_triggered_overflow",
+    "reachable_token_ids",
+    "save_triggered_pipeline",
+    "trigger_token_ids",
+]
+
+
 # -- Pipeline families --------------------------------------------------------------------------------
 # Tiny Flux text-to-image, Kontext, SD3, SDXL and SD 1.5 pipelines built from the Fill one's parts
 # (testing/builders.py), and every family's injection sites and call arguments, Fill's included
