@@ -1,4 +1,4 @@
-"""PNGs of a failing example: what the model made, the mask and the image it was given."""
+"""PNGs of a failing example: what the model made, and the mask and image it was given, if any."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def folder_for(root: Path, item_name: str) -> Path:
 
 
 def save_failure(folder: Path, example: FillInputs, images: Any | None) -> list[Path]:
-    """Save the outputs as displayed (NaN black), the mask and the image; returns the paths written.
+    """Save the outputs as displayed (NaN black), the mask and the image if drawn; returns the paths written.
 
     ``images`` are the pipeline's numpy output in [0, 1], or None when the call raised before output.
     """
@@ -34,6 +34,8 @@ def save_failure(folder: Path, example: FillInputs, images: Any | None) -> list[
             written.append(folder / f"output-{index}.png")
             Image.fromarray(picture).save(written[-1])
     for name, picture in (("mask", example.mask_image), ("image", example.image)):
+        if picture is None:
+            continue
         written.append(folder / f"{name}.png")
         picture.save(written[-1])
     return written

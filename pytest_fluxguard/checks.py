@@ -110,7 +110,7 @@ class _Check:
         )
 
     def guarded_call(self, example: FillInputs) -> tuple[Any, GuardReport]:
-        """Output (None if the guard gave up) and report of GuardedFluxFillPipeline; fixes undone after."""
+        """Output (None if the guard gave up) and report of the guarded pipeline; fixes undone after."""
         pipe = self.pipeline(guarded=True)
         try:
             with self.meter.measuring(pipe):
@@ -123,7 +123,7 @@ class _Check:
 
 
 class RawCheck(_Check):
-    """FluxFillPipeline as it ships must neither overflow the dtype nor produce a non-finite pixel.
+    """The pipeline as it ships must neither overflow the dtype nor produce a non-finite pixel.
 
     Each example runs through a detect-only guard on the raw weights: the plain pipeline's pixels
     bit for bit when nothing overflows, at the cost of one device reduction per block and stage.
@@ -156,7 +156,8 @@ class RawCheck(_Check):
         incident = _first_incident(failure.report, report)
         module = incident.module if incident is not None else None
         self.stats.note_module(module)
-        guard_lines = _report_lines("the same example through GuardedFluxFillPipeline", report)
+        guarded = type(self.pipeline(guarded=True)).__name__
+        guard_lines = _report_lines(f"the same example through {guarded}", report)
         black = describe_non_finite(images)
         if black is not None:
             lines = [f"first module to go non-finite: {module or 'not located by the guard'}", *guard_lines]
@@ -167,7 +168,7 @@ class RawCheck(_Check):
 
 
 class GuardedCheck(_Check):
-    """GuardedFluxFillPipeline must return finite pixels from faithful fixes only (recovered, not
+    """The guarded pipeline must return finite pixels from faithful fixes only (recovered, not
     degraded), close to float32 if --fluxguard-min-psnr asks."""
 
     def __call__(self, example: FillInputs) -> dict[str, float]:

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 
 from .failures import FluxGuardFailure
-from .model_folder import NotAFluxFillModel, NotALoRA, check_lora, lora_labels, variant_label, weight_variants
+from .model_folder import (
+    NotALoRA,
+    NotAPipelineFolder,
+    check_lora,
+    lora_labels,
+    pipeline_class,
+    variant_label,
+    weight_variants,
+)
 from .options import FluxGuardOptions
 from .pipelines import PipelineCache
 from .summary import ItemStats
@@ -31,15 +39,18 @@ def collector_name(model: Path, rootdir: Path) -> str:
 
 
 class FluxGuardModel(pytest.Collector):
-    """The model folder; fails collection once, with the reason, when it is not a Flux Fill model."""
+    """The model folder; fails collection once, with the reason, when it is not a diffusers pipeline."""
 
     def collect(self) -> Iterator[FluxGuardItem]:
         options = self.config.stash[OPTIONS_KEY]
         try:
-            variants = weight_variants(self.path)
-        except NotAFluxFillModel as error:
+            variants = weight_variants(self.path, pipeline=None)
+        except NotAPipelineFolder as error:
             raise self.CollectError(f"--fluxguard-model: {error}") from None
         if options.loras:
+            found = pipeline_class(self.path)
+            if not found.startswith("Flux"):  # the scale travels as Flux's joint_attention_kwargs
+                raise self.CollectError(f"--fluxguard-lora: LoRA items take Flux pipelines, not {found}.")
             for lora in options.loras:
                 try:
                     check_lora(lora)

@@ -20,6 +20,7 @@ from hypothesis import Verbosity, given
 
 from .artifacts import folder_for, save_failure
 from .budget import BudgetSpent, ShrinkBudget
+from .calls import call_shape
 from .checks import GuardedCheck, RawCheck
 from .failures import ExampleFailed, FluxGuardFailure
 from .inputs import FillInputs
@@ -47,11 +48,12 @@ def _run_item(
     item: pytest.Item, target: Target, options: FluxGuardOptions, pipelines: PipelineCache, stats: ItemStats
 ) -> None:
     check = (GuardedCheck if target.mode == "guarded" else RawCheck)(target, options, pipelines, stats)
+    pipe = check.pipeline(guarded=False)
     try:
-        strategy = item_strategy(check.pipeline(guarded=False), options, target)
+        strategy = item_strategy(pipe, options, target)
     except ValueError as error:
         pytest.fail(str(error), pytrace=False)
-    stats.guidance_limit = item_max_guidance(options, target)[1]
+    stats.guidance_limit = item_max_guidance(options, target, call_shape(pipe).embeds_guidance)[1]
     budget = ShrinkBudget(options.max_shrinks)
 
     def run_example(example: FillInputs) -> None:

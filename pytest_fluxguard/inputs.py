@@ -1,4 +1,4 @@
-"""One Flux Fill call as plain values, so it prints readably, replays exactly and saves as PNGs."""
+"""One pipeline call as plain values, so it prints readably, replays exactly and saves as PNGs."""
 
 from __future__ import annotations
 
@@ -10,27 +10,32 @@ from PIL import Image
 from .recipes import recipe
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, kw_only=True)
 class FillInputs:
-    """Arguments of one FluxFillPipeline call; ``seed`` feeds the torch generator.
+    """Arguments of one pipeline call (named for Flux Fill, the first one fuzzed); ``seed`` feeds the
+    torch generator. An argument the pipeline's call does not take stays None and is not passed:
+    text to image has no ``image`` or ``mask_image``, Stable Diffusion no ``max_sequence_length``.
 
     hypothesis does not manage torch's random state, so the noise comes from a generator seeded
     with a drawn integer: the same example gives the same latents on every replay. ``lora_scale``,
     when set, scales the loaded LoRA for this call (``joint_attention_kwargs={"scale": ...}``).
+    ``keep_size`` (Kontext) calls with ``max_area=height * width`` and ``_auto_resize=False``, so the
+    output has the drawn size, not Kontext's default of about a megapixel.
     """
 
     prompt: str
-    image: Image.Image
-    mask_image: Image.Image
+    image: Image.Image | None = None
+    mask_image: Image.Image | None = None
     height: int
     width: int
     guidance_scale: float
     num_inference_steps: int
-    strength: float
+    strength: float | None = None
     num_images_per_prompt: int
-    max_sequence_length: int
+    max_sequence_length: int | None = None
     seed: int
     lora_scale: float | None = None
+    keep_size: bool | None = None
 
     def _shown_fields(self) -> list[str]:
         """``name=value`` per field, pictures as the recipe calls that built them; unset options left out."""
@@ -60,12 +65,18 @@ class FillInputs:
                 printer.text(shown)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the pipeline, with a fresh generator seeded from ``seed``."""
+        """Keyword arguments for the pipeline (those set), with a fresh generator seeded from ``seed``."""
         import torch
 
-        arguments = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        arguments = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None
+        }
         seed = arguments.pop("seed")
-        lora_scale = arguments.pop("lora_scale")
+        lora_scale = arguments.pop("lora_scale", None)
         if lora_scale is not None:
             arguments["joint_attention_kwargs"] = {"scale": lora_scale}
+        if arguments.pop("keep_size", False):
+            arguments.update(max_area=self.height * self.width, _auto_resize=False)
         return {**arguments, "generator": torch.Generator().manual_seed(seed)}

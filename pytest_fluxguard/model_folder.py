@@ -1,4 +1,4 @@
-"""What a model folder holds: whether it is a Flux Fill pipeline, and which weight variants it ships.
+"""What a model folder holds: which diffusers pipeline class, and which weight variants it ships.
 
 Read from file names and model_index.json only, so collection needs neither torch nor diffusers.
 diffusers names variant weights ``<name>.<variant>.safetensors`` (shards
@@ -13,14 +13,16 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-PIPELINE_CLASS = "FluxFillPipeline"
-
 _WEIGHTS = re.compile(r"^[^.]+(?:\.(?P<variant>[^.]+))?\.(?:safetensors|bin)$")
 _INDEX = re.compile(r"^[^.]+\.(?:safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
 
 
-class NotAFluxFillModel(Exception):
+class NotAPipelineFolder(Exception):
     """The folder cannot be fuzzed; the message says what is missing or wrong."""
+
+
+NotAFluxFillModel = NotAPipelineFolder  # the name the fluxguard command's Flux Fill checks import
+FLUX_FILL = "FluxFillPipeline"
 
 
 class NotALoRA(Exception):
@@ -32,26 +34,39 @@ def variant_label(variant: str | None) -> str:
     return "weights" if variant is None else f"{variant}-weights"
 
 
-def _components(folder: Path) -> list[str]:
+def _index(folder: Path, expected: str | None) -> dict:
     index_file = folder / "model_index.json"
     if not folder.is_dir():
-        raise NotAFluxFillModel(f"{folder} is not a folder.")
+        raise NotAPipelineFolder(f"{folder} is not a folder.")
     if not index_file.is_file():
-        raise NotAFluxFillModel(f"{folder} has no model_index.json, so it is not a diffusers pipeline.")
+        raise NotAPipelineFolder(f"{folder} has no model_index.json, so it is not a diffusers pipeline.")
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NotAFluxFillModel(f"{index_file} is not valid JSON: {error}.") from None
-    if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS:
-        found = index.get("_class_name") if isinstance(index, dict) else None
-        raise NotAFluxFillModel(f"{index_file} names {found!r}, not {PIPELINE_CLASS!r}.")
+        raise NotAPipelineFolder(f"{index_file} is not valid JSON: {error}.") from None
+    found = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(found, str) or not found:
+        raise NotAPipelineFolder(f"{index_file} names {found!r}, not a diffusers pipeline class.")
+    if expected is not None and found != expected:
+        raise NotAPipelineFolder(f"{index_file} names {found!r}, not {expected!r}.")
+    return index
+
+
+def pipeline_class(folder: Path) -> str:
+    """The pipeline class ``model_index.json`` names, e.g. ``FluxFillPipeline``; raises NotAPipelineFolder."""
+    return _index(folder, None)["_class_name"]
+
+
+def _components(folder: Path, expected: str | None) -> list[str]:
+    index = _index(folder, expected)
     return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)]
 
 
-def weight_variants(folder: Path) -> list[str | None]:
-    """Variants with weights in ``folder``, the default (``None``) first; raises NotAFluxFillModel."""
+def weight_variants(folder: Path, pipeline: str | None = FLUX_FILL) -> list[str | None]:
+    """Variants with weights in ``folder``, the default (``None``) first; raises NotAPipelineFolder,
+    also when the folder's class is not ``pipeline`` (None takes any pipeline class)."""
     found: set[str | None] = set()
-    for component in _components(folder):
+    for component in _components(folder, pipeline):
         directory = folder / component
         if not directory.is_dir():
             continue
@@ -60,7 +75,7 @@ def weight_variants(folder: Path) -> list[str | None]:
             if match:
                 found.add(match["variant"])
     if not found:
-        raise NotAFluxFillModel(f"{folder} has no weight files (*.safetensors or *.bin) in its components.")
+        raise NotAPipelineFolder(f"{folder} has no weight files (*.safetensors or *.bin) in its components.")
     return sorted(found, key=lambda variant: (variant is not None, variant or ""))
 
 

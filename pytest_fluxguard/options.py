@@ -57,9 +57,9 @@ class _Option:
 
 
 _OPTIONS = (
-    _Option("model", "PATH", "", "Flux Fill model folder (model_index.json at its root) to fuzz."),
+    _Option("model", "PATH", "", "diffusers model folder (model_index.json at its root) to fuzz."),
     _Option("dtype", "LIST", "float16,bfloat16", f"Comma-separated dtypes to test, of {', '.join(DTYPES)}."),
-    _Option("mode", "LIST", "raw,guarded", "Comma-separated modes: raw (FluxFillPipeline), guarded."),
+    _Option("mode", "LIST", "raw,guarded", "Comma-separated modes: raw (the pipeline as it ships), guarded."),
     _Option("examples", "N", "10", "Hypothesis examples per item (and per fluxguard-marked @given test)."),
     _Option(
         "max_size",
@@ -104,7 +104,7 @@ _LORA = _Option(
 
 def add_options(parser: pytest.Parser) -> None:
     """Register every option in the ``fluxguard`` group and its ini twin."""
-    group = parser.getgroup(GROUP, "fluxguard: fuzz a Flux Fill model for non-finite pixels")
+    group = parser.getgroup(GROUP, "fluxguard: fuzz a diffusers model for non-finite pixels")
     for option in _OPTIONS:
         group.addoption(option.flag, dest=option.ini, metavar=option.metavar, default=None, help=option.help)
         parser.addini(option.ini, option.help, type="string", default=option.default)

@@ -17,8 +17,17 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-# The parts of a Flux pipeline whose peaks are targeted separately, as the guard names its stages.
-COMPONENTS = ("text_encoder", "text_encoder_2", "vae.encoder", "transformer", "vae.decoder")
+# The parts of a pipeline whose peaks are targeted separately, as the guard names its stages; a
+# pipeline measures those it has (Flux no unet, Stable Diffusion no transformer).
+COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "vae.encoder",
+    "transformer",
+    "unet",
+    "vae.decoder",
+)
 # What a target observation is when a value was not finite (a guarded call recovered from it):
 # far past any finite ratio, so the search keeps climbing towards overflows, and a finite number
 # as hypothesis.target() requires.

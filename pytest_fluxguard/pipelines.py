@@ -1,13 +1,14 @@
 """Pipelines loaded once and shared by every item and test of a session.
 
-One FluxFillPipeline is loaded per (folder, variant, dtype); its guarded twin and its detect-only
-twin (a guard with no strategies, which raises at the first overflow) wrap the very same modules,
-so neither costs memory. The guard's fixes persist until ``guard.reset()``,
-which restores the weights bit for bit: every hand-out resets them, so each test starts from the
-saved weights and a raw pipeline never runs with a fix a guarded run left behind. Only the most
-recently used weights stay loaded (a model and its float32 reference), since a full-size Flux Fill
-in three dtypes would not fit in memory. A LoRA is loaded onto the weights it is asked with and
-unloaded when other weights' LoRA (or none) is asked for: the base model loads once per dtype.
+One pipeline, of the class the folder's model_index.json names, is loaded per (folder, variant,
+dtype); its guarded twin and its detect-only twin (a guard with no strategies, which raises at the
+first overflow) wrap the very same modules, so neither costs memory. The guard's fixes persist
+until ``guard.reset()``, which restores the weights bit for bit: every hand-out resets them, so
+each test starts from the saved weights and a raw pipeline never runs with a fix a guarded run
+left behind. Only the most recently used weights stay loaded (a model and its float32 reference),
+since a full-size Flux model in three dtypes would not fit in memory. A LoRA is loaded onto the
+weights it is asked with and unloaded when other weights' LoRA (or none) is asked for: the base
+model loads once per dtype.
 """
 
 from __future__ import annotations
@@ -60,16 +61,13 @@ class PipelineCache:
         guarded: bool = False,
         lora: str | Path | None = None,
     ) -> Any:
-        """The FluxFillPipeline (or, with ``guarded``, GuardedFluxFillPipeline) for these weights,
-        with ``lora`` loaded (``pipe.load_lora_weights``) or none."""
+        """The folder's pipeline (or, with ``guarded``, its guarded twin, e.g. GuardedFluxFillPipeline)
+        for these weights, with ``lora`` loaded (``pipe.load_lora_weights``) or none."""
         loaded = self._load(Path(path).resolve(), variant, dtype_name(dtype), lora)
         if not guarded:
             return loaded.raw
         if loaded.guarded is None:
-            from guarded_diffusers import GuardedFluxFillPipeline
-
-            loaded.guarded = GuardedFluxFillPipeline(**loaded.raw.components)
-            loaded.guarded.set_progress_bar_config(disable=True)
+            loaded.guarded = _guarded_twin(loaded.raw)
         return loaded.guarded
 
     def detecting(
@@ -87,10 +85,7 @@ class PipelineCache:
         """
         loaded = self._load(Path(path).resolve(), variant, dtype_name(dtype), lora)
         if loaded.detecting is None:
-            from guarded_diffusers import GuardedFluxFillPipeline
-
-            loaded.detecting = GuardedFluxFillPipeline.from_pipe(loaded.raw, guard_strategies=[])
-            loaded.detecting.set_progress_bar_config(disable=True)
+            loaded.detecting = _guarded_twin(loaded.raw, strategies=[])
         return loaded.detecting
 
     def _load(self, path: Path, variant: str | None, dtype: str, lora: str | Path | None) -> _Loaded:
@@ -98,9 +93,9 @@ class PipelineCache:
         loaded = self._loaded.get(key)
         if loaded is None:
             import torch
-            from diffusers import FluxFillPipeline
+            from diffusers import DiffusionPipeline
 
-            raw = FluxFillPipeline.from_pretrained(path, variant=variant, dtype=getattr(torch, dtype))
+            raw = DiffusionPipeline.from_pretrained(path, variant=variant, dtype=getattr(torch, dtype))
             raw.to(resolve_device(self._device))
             raw.set_progress_bar_config(disable=True)
             loaded = self._loaded[key] = _Loaded(raw)
@@ -117,6 +112,18 @@ class PipelineCache:
     def clear(self) -> None:
         """Drop every pipeline, at the end of the session."""
         self._loaded.clear()
+
+
+def _guarded_twin(raw: Any, strategies: list[str] | None = None) -> Any:
+    """A pipeline of ``raw``'s class on its very modules, guarded in place (``guard``).
+
+    Not ``from_pipe``: it casts every module to one dtype, T5's float32 ``wo`` included.
+    """
+    from guarded_diffusers import guard
+
+    twin = guard(type(raw)(**raw.components), strategies=strategies)
+    twin.set_progress_bar_config(disable=True)
+    return twin
 
 
 def _swap_lora(loaded: _Loaded, lora: Path | None) -> None:

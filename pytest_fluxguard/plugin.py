@@ -119,11 +119,12 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def fluxguard_pipeline(pytestconfig: pytest.Config) -> Callable[..., Any]:
     """``fluxguard_pipeline(path=None, *, variant=None, dtype="float16", guarded=False, lora=None)``.
 
-    Loaded once per session and (path, variant, dtype); ``guarded`` gives GuardedFluxFillPipeline
-    on the same modules; ``lora``, a LoRA folder loaded onto them (and unloaded when a later call asks
-    for another or none). ``path`` defaults to --fluxguard-model. Each call hands the pipeline out
-    with any guard fixes undone, as loaded from disk; within a test, a guarded call's fixes also
-    show in the raw pipeline of the same weights until ``guard.reset()``.
+    Loaded once per session and (path, variant, dtype); ``guarded`` gives the guarded twin (e.g.
+    GuardedFluxFillPipeline) on the same modules; ``lora``, a LoRA folder loaded onto them (and
+    unloaded when a later call asks for another or none). ``path`` defaults to --fluxguard-model.
+    Each call hands the pipeline out with any guard fixes undone, as loaded from disk; within a
+    test, a guarded call's fixes also show in the raw pipeline of the same weights until
+    ``guard.reset()``.
     """
     options = pytestconfig.stash[OPTIONS_KEY]
     pipelines = pytestconfig.stash[PIPELINES_KEY]

@@ -1,7 +1,8 @@
 """The search one item runs: the inputs it draws, within what the pipeline carries, and the peaks it climbs.
 
-Raw items draw guidance only up to what the item's dtype carries through diffusers' own
-``guidance x 1000`` (a limit of every Flux model, reported once per session, not the model's fault);
+The pipeline's call decides what is drawn (``call_shape``). Where the transformer embeds the guidance
+(Flux), raw items draw it only up to what the item's dtype carries through diffusers' own
+``guidance x 1000`` (a limit of every such Flux model, reported once per session, not the model's fault);
 every example's component peaks go to ``hypothesis.target()``, so the search climbs towards overflow.
 """
 
@@ -12,16 +13,19 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis import target
 
+from .calls import call_shape
 from .options import FluxGuardOptions
-from .strategies import FillInputs, fill_inputs, pipeline_vocabularies
+from .strategies import FillInputs, call_inputs, pipeline_vocabularies
 from .target import Target
 
-# Largest guidance_scale drawn unless --fluxguard-max-guidance says otherwise.
+# Largest guidance_scale drawn unless --fluxguard-max-guidance says otherwise: Flux's embedded guidance,
+# and classifier-free guidance (Stable Diffusion, SD3), whose usual range ends far lower.
 DEFAULT_MAX_GUIDANCE = 100.0
+CFG_MAX_GUIDANCE = 20.0
 # FluxTransformer2DModel.forward computes ``guidance * 1000`` in the working dtype.
 GUIDANCE_EMBEDDING_SCALE = 1000.0
 # A model with no explicit --fluxguard-max-size draws sizes up to this many latent patches a side:
-# 16 x (2 x vae_scale_factor), 256 px for Flux, 64 px for the tiny test models.
+# 16 x the size multiple (2 x vae_scale_factor for Flux): 256 px for Flux, 64 px for the tiny test models.
 DEFAULT_PATCHES = 16
 # One image per call: Flux computes each image of a batch on its own, so a second one is another noise
 # seed at twice the cost of the call; hypothesis draws seeds anyway.
@@ -35,15 +39,21 @@ def guidance_limit(dtype: str) -> float:
     return torch.finfo(getattr(torch, dtype)).max / GUIDANCE_EMBEDDING_SCALE
 
 
-def item_max_guidance(options: FluxGuardOptions, target: Target) -> tuple[float, float | None]:
+def item_max_guidance(
+    options: FluxGuardOptions, target: Target, embeds_guidance: bool
+) -> tuple[float, float | None]:
     """The largest guidance the item draws, and the dtype's limit when that lowered it (raw items).
 
-    Raw items stay within what plain diffusers carries: beyond it every float16 Flux model
-    overflows in ``FluxTransformer2DModel.forward``, whatever the weights. Guarded items draw the
-    full range (the guard's ``guidance`` fix carries it); an explicit option applies to every item.
+    Where the transformer ``embeds_guidance``, raw items stay within what plain diffusers carries:
+    beyond it every float16 Flux model overflows in ``FluxTransformer2DModel.forward``, whatever the
+    weights. Guarded items draw the full range (the guard's ``guidance`` fix carries it). Pipelines
+    without guidance embeddings draw classifier-free guidance up to 20; an explicit option applies
+    to every item.
     """
     if options.max_guidance is not None:
         return options.max_guidance, None
+    if not embeds_guidance:
+        return CFG_MAX_GUIDANCE, None
     if target.mode == "raw":
         limit = guidance_limit(target.dtype)
         if limit < DEFAULT_MAX_GUIDANCE:
@@ -52,23 +62,25 @@ def item_max_guidance(options: FluxGuardOptions, target: Target) -> tuple[float,
 
 
 def item_strategy(pipe: Any, options: FluxGuardOptions, target: Target) -> st.SearchStrategy[FillInputs]:
-    """The calls an item draws for ``pipe`` (its tokenizers, its size multiple) under ``options``.
+    """The calls an item draws for ``pipe`` (its call's arguments, its tokenizers, its size multiple)
+    under ``options``.
 
     Raises ValueError when --fluxguard-max-size is below the model's smallest legal size.
     """
-    multiple = 2 * pipe.vae_scale_factor
+    shape = call_shape(pipe)
+    multiple = shape.size_multiple
     max_size = options.max_size or DEFAULT_PATCHES * multiple
     if max_size < multiple:
         raise ValueError(
             f"--fluxguard-max-size {max_size} is below this model's smallest size, {multiple} px."
         )
-    return fill_inputs(
+    return call_inputs(
+        shape,
         max_size=max_size,
-        multiple=multiple,
         max_steps=options.max_steps,
         max_images=ITEM_IMAGES,
         max_sequence_length=options.max_sequence_length,
-        max_guidance=item_max_guidance(options, target)[0],
+        max_guidance=item_max_guidance(options, target, shape.embeds_guidance)[0],
         vocabularies=pipeline_vocabularies(pipe, options.max_sequence_length),
         max_lora_scale=options.max_lora_scale if target.lora is not None else None,
     )

@@ -1,8 +1,10 @@
-"""Hypothesis strategies for Flux Fill inputs, for the plugin's items and for your own ``@given`` tests.
+"""Hypothesis strategies for pipeline inputs, for the plugin's items and for your own ``@given`` tests.
 
-Every strategy yields values FluxFillPipeline accepts, and leans towards the edges where float16
-breaks: empty, full and almost full masks, saturated images, the largest guidance, prompts past the
-token limit, and prompts made of any token the model's own tokenizers can produce.
+``fill_inputs`` draws whole FluxFillPipeline calls, ``call_inputs`` those of any pipeline's call
+(``call_shape(pipe)``: text to image draws no image or mask). Every strategy leans towards the
+edges where float16 breaks: empty, full and almost full masks, saturated images, the largest
+guidance, prompts past the token limit, and prompts made of any token the model's own tokenizers
+can produce.
 Pictures are built by :mod:`pytest_fluxguard.recipes`, so a failing example prints as calls you can
 paste back. Draw ``seeds()`` for the torch generator: hypothesis does not manage torch's RNG.
 """
@@ -15,12 +17,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from . import recipes
+from .calls import CallShape, call_shape
 from .inputs import FillInputs
 from .vocabulary import Vocabulary, pipeline_vocabularies
 
 __all__ = [
     "FLUX_FILL_GUIDANCE",
+    "CallShape",
     "FillInputs",
+    "call_inputs",
+    "call_shape",
     "fill_inputs",
     "guidance_scales",
     "images",
@@ -40,6 +46,8 @@ __all__ = [
 
 FLUX_FILL_GUIDANCE = 30.0  # FluxFillPipeline's default guidance_scale
 FLUX_SIZE_MULTIPLE = 16  # 2 * vae_scale_factor of the released Flux VAE
+# FluxFillPipeline's call takes these of the arguments a drawn call can hold.
+FLUX_FILL_PARAMETERS = frozenset(("image", "mask_image", "strength", "max_sequence_length"))
 # Below this, steps * strength can round to zero denoising steps and FluxFillPipeline refuses the call.
 MIN_STRENGTH = 0.01
 _CHANNEL = st.integers(0, 255)
@@ -285,14 +293,16 @@ def prompts(
     return _weighted(*branches)
 
 
-def guidance_scales(max_guidance: float = 100.0) -> st.SearchStrategy[float]:
-    """Guidance from 0 to ``max_guidance``, FluxFill's default 30 included when in range.
+def guidance_scales(
+    max_guidance: float = 100.0, default: float = FLUX_FILL_GUIDANCE
+) -> st.SearchStrategy[float]:
+    """Guidance from 0 to ``max_guidance``, the pipeline's ``default`` (FluxFill's 30) included when in range.
 
-    Above 65.5 every float16 Flux model overflows: FluxTransformer2DModel multiplies the guidance
-    by 1000 in the working dtype, which passes 65504.
+    Above 65.5 every float16 Flux model with guidance embeddings overflows: FluxTransformer2DModel
+    multiplies the guidance by 1000 in the working dtype, which passes 65504.
     """
     values = st.floats(0.0, max_guidance)
-    return st.one_of(st.just(FLUX_FILL_GUIDANCE), values) if max_guidance >= FLUX_FILL_GUIDANCE else values
+    return st.one_of(st.just(default), values) if max_guidance >= default else values
 
 
 def lora_scales(max_scale: float = 1.5) -> st.SearchStrategy[float]:
@@ -317,8 +327,10 @@ def images_per_prompt(max_images: int = 2) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def _fill_inputs(
+def _call_inputs(
     draw: st.DrawFn,
+    takes: frozenset[str],
+    default_guidance: float,
     max_size: int,
     multiple: int,
     max_steps: int,
@@ -331,17 +343,48 @@ def _fill_inputs(
     height, width = draw(sizes(max_size, multiple))
     return FillInputs(
         prompt=draw(prompts(max_sequence_length, vocabularies)),
-        image=draw(images(height, width)),
-        mask_image=draw(masks(height, width)),
+        image=draw(images(height, width)) if "image" in takes else None,
+        mask_image=draw(masks(height, width)) if "mask_image" in takes else None,
         height=height,
         width=width,
-        guidance_scale=draw(guidance_scales(max_guidance)),
+        guidance_scale=draw(guidance_scales(max_guidance, default_guidance)),
         num_inference_steps=draw(inference_steps(max_steps)),
-        strength=draw(strengths()),
+        strength=draw(strengths()) if "strength" in takes else None,
         num_images_per_prompt=draw(images_per_prompt(max_images)),
-        max_sequence_length=max_sequence_length,
+        max_sequence_length=max_sequence_length if "max_sequence_length" in takes else None,
         seed=draw(seeds()),
         lora_scale=None if max_lora_scale is None else draw(lora_scales(max_lora_scale)),
+        keep_size=True if "max_area" in takes else None,
+    )
+
+
+def call_inputs(
+    shape: CallShape,
+    max_size: int = 256,
+    max_steps: int = 4,
+    max_images: int = 2,
+    max_sequence_length: int = 512,
+    max_guidance: float = 100.0,
+    vocabularies: Sequence[Vocabulary] = (),
+    max_lora_scale: float | None = None,
+) -> st.SearchStrategy[FillInputs]:
+    """Whole calls of a pipeline of ``shape`` (``call_shape(pipe)``), sizes in its ``size_multiple``.
+
+    ``image``, ``mask_image``, ``strength`` and ``max_sequence_length`` are drawn only where the call
+    takes them; the pipeline's own default guidance_scale is drawn often.
+    """
+    side_lengths(max_size, shape.size_multiple)  # fail now, not at the first draw, on an impossible size
+    return _call_inputs(
+        shape.parameters,
+        shape.default_guidance,
+        max_size,
+        shape.size_multiple,
+        max_steps,
+        max_images,
+        max_sequence_length,
+        max_guidance,
+        tuple(vocabularies),
+        max_lora_scale,
     )
 
 
@@ -360,10 +403,10 @@ def fill_inputs(
     ``vocabularies=pipeline_vocabularies(pipe, max_sequence_length)`` adds prompts decoded from token
     ids of the pipeline's own tokenizers; ``max_lora_scale`` draws a LoRA scale per call.
     """
-    side_lengths(max_size, multiple)  # fail now, not at the first draw, on an impossible size
-    return _fill_inputs(
+    shape = CallShape(FLUX_FILL_PARAMETERS, FLUX_FILL_GUIDANCE, multiple, embeds_guidance=True)
+    return call_inputs(
+        shape,
         max_size,
-        multiple,
         max_steps,
         max_images,
         max_sequence_length,

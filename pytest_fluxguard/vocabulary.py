@@ -44,13 +44,18 @@ def reachable_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 def pipeline_vocabularies(pipe: Any, max_sequence_length: int) -> tuple[Vocabulary, ...]:
-    """The vocabularies of a Flux pipeline's tokenizers, CLIP's (``tokenizer``) first.
+    """The vocabularies of a pipeline's tokenizers, CLIP's (``tokenizer``) first.
 
-    CLIP reads its first 77 tokens, T5 (``tokenizer_2``) ``max_sequence_length``: a drawn prompt
-    fills CLIP's window first, then T5's.
+    CLIP reads its first 77 tokens, the others (Flux's T5 ``tokenizer_2``, SDXL's second CLIP, SD3's
+    T5 ``tokenizer_3``) at most ``max_sequence_length`` and their ``model_max_length``: a drawn
+    prompt fills CLIP's window first, then the next tokenizer's.
     """
     vocabularies = []
-    for name, limit in (("tokenizer", CLIP_TOKENS), ("tokenizer_2", max_sequence_length)):
+    for name, limit in (
+        ("tokenizer", CLIP_TOKENS),
+        ("tokenizer_2", max_sequence_length),
+        ("tokenizer_3", max_sequence_length),
+    ):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             limit = min(limit, getattr(tokenizer, "model_max_length", limit) or limit)

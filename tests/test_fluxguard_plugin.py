@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 
 from guarded_diffusers import GuardReport, Incident, NonFiniteError
 from guarded_diffusers.testing import (
+    FAMILIES,
     SILENTLY_CLIPPED_SITES,
     TRIGGERED_SITES,
     inject_overflow,
@@ -33,6 +34,7 @@ from guarded_diffusers.testing import (
 )
 from pytest_fluxguard import recipes
 from pytest_fluxguard.budget import BudgetSpent, ShrinkBudget
+from pytest_fluxguard.calls import call_shape
 from pytest_fluxguard.checks import GuardedCheck, _how_far
 from pytest_fluxguard.failures import ExampleFailed, failure_class
 from pytest_fluxguard.fuzz import _example_failures
@@ -42,7 +44,7 @@ from pytest_fluxguard.options import FluxGuardOptions
 from pytest_fluxguard.peaks import COMPONENTS, PeakMeter
 from pytest_fluxguard.pipelines import PipelineCache
 from pytest_fluxguard.search import guidance_limit, item_max_guidance
-from pytest_fluxguard.strategies import fill_inputs
+from pytest_fluxguard.strategies import call_inputs, fill_inputs
 from pytest_fluxguard.summary import ItemStats
 from pytest_fluxguard.target import Target
 
@@ -62,6 +64,7 @@ FAST = [
 OVERFLOWING_MODULE = "transformer.single_transformer_blocks.0.proj_mlp"
 CLIPPED_SITE = "single_block_proj_out"
 CLIPPED_MODULE = "transformer.single_transformer_blocks.0.proj_out"
+UNET_MODULE = "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"
 # A profile without hypothesis' shrink phase, for items whose every example fails the same way:
 # the first failure is as good as the minimal one, and shrinking a float16 model on CPU takes minutes.
 NO_SHRINK = (
@@ -137,7 +140,7 @@ def test_help_lists_the_options_and_ini_twins_in_their_own_group(pytester):
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
         [
-            "fluxguard: fuzz a Flux Fill model for non-finite pixels:",
+            "fluxguard: fuzz a diffusers model for non-finite pixels:",
             "*--fluxguard-model=PATH*",
             "*--fluxguard-min-psnr=DB*",
             "*fluxguard_model (string)*",
@@ -177,20 +180,18 @@ def test_variants_are_read_from_weight_file_names(clean_model, overflowing_model
 @pytest.mark.parametrize(
     ("index", "reason"),
     [
-        (
-            '{"_class_name": "FluxPipeline"}',
-            "*model_index.json names 'FluxPipeline', not 'FluxFillPipeline'.",
-        ),
+        ('{"unet": ["diffusers", "UNet2DConditionModel"]}', "*model_index.json names None, not a diffusers*"),
+        ('{"_class_name": "FluxPipeline"}', "*has no weight files (*) in its components."),
         (None, "*has no model_index.json, so it is not a diffusers pipeline."),
     ],
 )
-def test_a_folder_that_is_not_flux_fill_is_one_collection_error(pytester, index, reason):
-    folder = pytester.mkdir("not-flux-fill")
+def test_a_folder_that_is_not_a_pipeline_is_one_collection_error(pytester, index, reason):
+    folder = pytester.mkdir("not-a-pipeline")
     if index is not None:
         (folder / "model_index.json").write_text(index)
     result = pytester.runpytest(f"--fluxguard-model={folder}", *FAST)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*ERROR collecting not-flux-fill*", f"--fluxguard-model: {reason}"])
+    result.stdout.fnmatch_lines(["*ERROR collecting not-a-pipeline*", f"--fluxguard-model: {reason}"])
 
 
 def test_clean_model_passes_every_default_item_of_every_variant(pytester, clean_model):
@@ -246,7 +247,8 @@ def test_a_clean_model_passes_every_default_item_with_ten_hypothesis_seeds(
 )
 def test_raw_items_draw_guidance_only_within_what_the_dtype_carries(dtype, mode, given, expected):
     options = _options(max_guidance=given)
-    assert item_max_guidance(options, Target(Path("m"), None, dtype, mode, None)) == pytest.approx(expected)
+    target = Target(Path("m"), None, dtype, mode, None)
+    assert item_max_guidance(options, target, embeds_guidance=True) == pytest.approx(expected)
     assert guidance_limit("float16") == torch.finfo(torch.float16).max / 1000
 
 
@@ -477,7 +479,7 @@ def test_hand_written_tests_use_the_fixture_marker_and_strategies(pytester, over
             from hypothesis import given
 
             from pytest_fluxguard import NonFinitePixels, assert_finite_pixels
-            from pytest_fluxguard.strategies import fill_inputs
+            from pytest_fluxguard.strategies import call_inputs, fill_inputs
 
             MODEL = {str(overflowing_model)!r}
             DTYPES_RUN = []
@@ -549,7 +551,7 @@ def test_the_peak_meter_reads_every_component_once_per_example(clean_model):
         peaks = meter.read()
     finally:
         torch.Tensor.tolist = original
-    assert set(peaks) == set(COMPONENTS) and len(reads) == 1
+    assert set(peaks) == set(COMPONENTS) - {"text_encoder_3", "unet"} and len(reads) == 1  # Flux has none
     assert all(0.0 < ratio < 1.0 for ratio in peaks.values())  # over float16's maximum
     assert not any(
         module._forward_hooks or module._forward_pre_hooks for module in pipe.transformer.modules()
@@ -812,3 +814,103 @@ def test_a_clean_lora_passes_and_a_hot_one_fails_raw_float16_with_its_drawn_scal
     # Told a smaller range, the same LoRA passes: the scale really is drawn per call.
     result = pytester.runpytest(*options, "--fluxguard-lora-scale=0.1", *FAST[1:])
     result.assert_outcomes(passed=1)
+
+
+# -- any pipeline class: the folder's class decides what an item draws ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny saved folders of other pipeline classes: SD 1.5 clean and overflowing, Flux Kontext clean."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("sd15", "sd15-hot", "flux_kontext")}
+    FAMILIES["sd15"].save(folders["sd15"])
+    assert FAMILIES["sd15"].save(folders["sd15-hot"], site="unet_mid_ff") == UNET_MODULE
+    FAMILIES["flux_kontext"].save(folders["flux_kontext"])
+    return folders
+
+
+@pytest.mark.parametrize(
+    ("family", "drawn", "not_drawn"),
+    [
+        ("sd15", set(), {"image", "mask_image", "strength", "max_sequence_length", "max_area"}),
+        ("flux_kontext", {"image", "max_sequence_length", "max_area", "_auto_resize"}, {"mask_image"}),
+    ],
+)
+def test_the_pipeline_class_decides_what_a_call_draws(family_models, family, drawn, not_drawn):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(family_models[family])
+    shape = call_shape(pipe)
+    calls = []
+
+    @settings(max_examples=5, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(example=call_inputs(shape, max_size=8 * shape.size_multiple, max_sequence_length=8))
+    def draw(example):
+        calls.append(example.pipeline_kwargs())
+
+    draw()
+    assert all(
+        drawn <= set(call) <= shape.parameters | {"generator"}
+        and not set(call) & not_drawn
+        and call["height"] % shape.size_multiple == 0
+        for call in calls
+    )
+    assert shape.embeds_guidance == (family == "flux_kontext")
+    _, limit = item_max_guidance(
+        _options(max_guidance=None), Target(Path("m"), None, "float16", "raw", None), shape.embeds_guidance
+    )
+    assert limit == (guidance_limit("float16") if shape.embeds_guidance else None)
+
+
+def test_a_clean_sd15_folder_passes_every_default_item(pytester, family_models):
+    result = pytester.runpytest(f"--fluxguard-model={family_models['sd15']}", "-v", *FAST)
+    result.assert_outcomes(passed=4)
+    # Classifier-free guidance is not embedded x 1000: no guidance limit to report.
+    assert LIMITATION not in result.stdout.str()
+
+
+def test_an_overflowing_sd15_unet_fails_raw_float16_naming_it_and_draws_no_image(
+    pytester, family_models, keeps_hypothesis_profile
+):
+    pytester.makeconftest(NO_SHRINK)
+    result = pytester.runpytest(
+        f"--fluxguard-model={family_models['sd15-hot']}",
+        "--fluxguard-dtype=float16",
+        "--hypothesis-profile=no-shrink",
+        *FAST,
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "weights/float16/raw: * pixel values are non-finite*",
+            f"first module to go non-finite: {UNET_MODULE}",
+            "the same example through GuardedStableDiffusionPipeline:",
+            f"  non-finite output at denoise step 0 in {UNET_MODULE}*",
+            "FillInputs(",
+        ]
+    )
+    section = failure_section(result.stdout.str(), "weights/float16/raw")
+    assert_short_and_quiet(section)
+    assert not any(line.startswith(("    image=", "    mask_image=", "    strength=")) for line in section)
+    assert not any(line.endswith(("mask.png", "image.png")) for line in section)
+
+
+def test_a_flux_kontext_folder_collects_and_runs_its_items(pytester, family_models):
+    result = pytester.runpytest(
+        f"--fluxguard-model={family_models['flux_kontext']}", "--fluxguard-dtype=float16", "-v", *FAST
+    )
+    result.assert_outcomes(passed=2)
+    name = family_models["flux_kontext"].name
+    result.stdout.fnmatch_lines_random(
+        [f"{name}::weights/float16/{mode} PASSED*" for mode in ("raw", "guarded")]
+    )
+
+
+def test_lora_items_take_flux_pipelines_only(pytester, family_models, loras):
+    result = pytester.runpytest(
+        f"--fluxguard-model={family_models['sd15']}", f"--fluxguard-lora={loras['fox']}"
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["--fluxguard-lora: LoRA items take Flux pipelines, not StableDiffusionPipeline."]
+    )
