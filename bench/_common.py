@@ -6,6 +6,7 @@ package is expected installed (``make bench`` installs this checkout in editable
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
@@ -55,6 +56,16 @@ def quiet() -> None:
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask, not the host's core count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch threads, by default as many as the process may use."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=available_cpus(),
+        help="torch threads (default: CPUs available)",
+    )
 
 
 def machine_summary() -> str:

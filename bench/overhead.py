@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per arm first (default 2)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=_common.available_cpus(),
-        help="torch threads (default: CPUs available)",
-    )
+    _common.add_threads_option(parser)
     args = parser.parse_args(argv)
     _common.quiet()
     torch.set_num_threads(args.threads)

@@ -124,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="input/generator seeds for PSNR (default 3)")
     parser.add_argument("--rounds", type=int, default=30, help="at most this many timed rounds (default 30)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds (default 60)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=_common.available_cpus(),
-        help="torch threads (default: CPUs available)",
-    )
+    _common.add_threads_option(parser)
     args = parser.parse_args(argv)
     _common.quiet()
     # force_upcast calls diffusers' deprecated upcast_vae(): its notice would repeat every call.

@@ -132,3 +132,12 @@ def hook_count(pipe: FluxFillPipeline) -> int:
 
 def all_finite(images: np.ndarray) -> bool:
     return bool(np.isfinite(images).all())
+
+
+def run_fluxguard(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    """The fluxguard command in this process: its exit status, stdout and stderr."""
+    from guarded_diffusers.cli.main import main
+
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_fluxguard as run
 from PIL import Image
 from tqdm.auto import tqdm
 
 from guarded_diffusers.cli.inputs import MAX_SEQUENCE_LENGTH, OPTION_FOR_ARGUMENT, in_command_terms
 from guarded_diffusers.cli.log import GUARD_LOGGER, BarStream, guard_lines
-from guarded_diffusers.cli.main import DEFAULT_STRATEGIES, main
+from guarded_diffusers.cli.main import DEFAULT_STRATEGIES
 from guarded_diffusers.core import plugins
 from guarded_diffusers.core.plan import PlanEntry, PrecisionPlan
 from guarded_diffusers.pipelines import call_checks
@@ -29,12 +30,6 @@ from guarded_diffusers.pipelines.flux_fill import GuardedFluxFillPipeline
 from guarded_diffusers.testing import sample_inputs
 
 FAST = ["--steps", "2", "--max-sequence-length", "32"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    status = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

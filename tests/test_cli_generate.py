@@ -6,20 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_fluxguard as run
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from guarded_diffusers.cli.main import main
 from guarded_diffusers.testing import sample_inputs
 from guarded_diffusers.testing.families import FAMILIES
 
 FAST = ["--steps", "2", "--max-sequence-length", "32", "--height", "32", "--width", "32"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    status = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

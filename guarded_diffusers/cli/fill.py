@@ -8,20 +8,15 @@ from pathlib import Path
 
 import torch
 
-from ..demo import quiet
 from ..pipelines.flux_fill import GuardedFluxFillPipeline
 from ..testing import sample_inputs, save_tiny_pipeline
 from .inputs import (
     UsageError,
-    device,
     image_and_mask,
     image_output,
-    memory_fraction,
     model_folder,
-    precision_plan,
-    strategy_names,
 )
-from .outcome import run_and_write
+from .outcome import guard_settings, loading, run_and_write
 
 # The bundled model: tiny, random, built on the fly, with a float16 overflow for the guard to catch.
 BUNDLED_SITE = "single_block_mlp"
@@ -67,27 +62,21 @@ def run_fill(args: argparse.Namespace) -> int:
         model_folder(args.model)
     inputs = _inputs(args)
     output = image_output(args.output)
-    plan = precision_plan(args.plan) if args.plan is not None else None
-    strategies = strategy_names(args.strategies)
-    budget = memory_fraction(args.max_extra_memory)
-    device(args.device)
-    quiet()
+    settings = guard_settings(args)
     with tempfile.TemporaryDirectory(prefix="fluxguard-bundled-") as scratch:
         model = args.model
         if model is None:
             model = Path(scratch)
             module = save_tiny_pipeline(model, site=BUNDLED_SITE, seed=0)
             print(f"bundled tiny random Flux Fill model, float16 overflow injected in {module}")
-        try:
+        with loading(model):
             pipe = GuardedFluxFillPipeline.from_pretrained(
                 model,
                 dtype=getattr(torch, args.dtype),
-                guard_plan=plan,
-                guard_strategies=strategies,
-                guard_max_extra_memory=budget,
+                guard_plan=settings.plan,
+                guard_strategies=settings.strategies,
+                guard_max_extra_memory=settings.budget,
             )
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
         _check_size(inputs, args, pipe.vae_scale_factor * 2)
         call = {
             **inputs,

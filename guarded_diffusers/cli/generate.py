@@ -16,21 +16,16 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from ..demo import quiet
 from ..pipelines.attach import guard
 from ..testing.families import FAMILIES
 from .inputs import (
     UsageError,
-    device,
     image_and_mask,
     image_output,
-    memory_fraction,
     pipeline_folder,
-    precision_plan,
     read_image,
-    strategy_names,
 )
-from .outcome import run_and_write
+from .outcome import guard_settings, loading, run_and_write
 
 # The bundled model: a tiny random Flux text-to-image pipeline with a float16 overflow to catch.
 BUNDLED_FAMILY, BUNDLED_SITE, BUNDLED_SIZE, BUNDLED_STEPS = "flux", "single_block_mlp", 32, 4
@@ -74,21 +69,17 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.mask is not None and args.image is None:
         raise UsageError("--mask needs --image: the picture it marks")
     output = image_output(args.output)
-    plan = precision_plan(args.plan) if args.plan is not None else None
-    strategies = strategy_names(args.strategies)
-    budget = memory_fraction(args.max_extra_memory)
-    device(args.device)
-    quiet()
+    settings = guard_settings(args)
     with tempfile.TemporaryDirectory(prefix="fluxguard-bundled-") as scratch:
         model = args.model
         if model is None:
             model = Path(scratch)
             module = FAMILIES[BUNDLED_FAMILY].save(model, BUNDLED_SITE)
             print(f"bundled tiny random Flux model, float16 overflow injected in {module}")
-        try:
+        with loading(model):
             pipe = DiffusionPipeline.from_pretrained(model, dtype=getattr(torch, args.dtype))
-            pipe = guard(pipe, strategies=strategies, plan=plan, max_extra_memory=budget)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
+            pipe = guard(
+                pipe, strategies=settings.strategies, plan=settings.plan, max_extra_memory=settings.budget
+            )
         call = _call_arguments(args, pipe, bundled=args.model is None)
         return run_and_write(pipe, call, args, output, "generate")

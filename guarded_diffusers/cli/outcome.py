@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..core.devices import resolve_device
+from ..core.plan import PrecisionPlan
 from ..core.report import GuardReport, NonFiniteError
-from .inputs import UsageError, in_command_terms
+from ..demo import quiet
+from .inputs import UsageError, device, in_command_terms, memory_fraction, precision_plan, strategy_names
 from .log import BarStream, guard_lines
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardSettings:
+    """The guard's options of a run, checked: a plan, strategy names and the memory budget."""
+
+    plan: PrecisionPlan | None
+    strategies: list[str] | None
+    budget: float
+
+
+def guard_settings(args: argparse.Namespace) -> GuardSettings:
+    """Check the guard's options and the device, then quiet the libraries: all before any model loads."""
+    plan = precision_plan(args.plan) if args.plan is not None else None
+    settings = GuardSettings(plan, strategy_names(args.strategies), memory_fraction(args.max_extra_memory))
+    device(args.device)
+    quiet()
+    return settings
+
+
+@contextlib.contextmanager
+def loading(model: Path) -> Iterator[None]:
+    """A model that cannot load is one line naming it, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load {model}: {str(error).splitlines()[0]}") from None
+
 
 TABLE_COLUMNS = ("stage", "step", "module", "strategy", "fixed module", "error", "recovered")
 
