@@ -133,8 +133,12 @@ BAD_INPUTS: dict[str, tuple[Callable[[dict[str, Path], Path, Path], list[str | P
         "is not a Flux Fill model",
     ),
     "pipeline of another class": (
-        lambda files, decoy, tmp: ["scan", tmp / "other", "--out", tmp / "scan"],
+        lambda files, decoy, tmp: ["fill", tmp / "other", "--image", files["image"], "--mask", files["mask"]],
         "names 'StableDiffusionPipeline'",
+    ),
+    "scan of a folder that is no pipeline": (
+        lambda files, decoy, tmp: ["scan", files["image"].parent, "--out", tmp / "scan"],
+        "is not a diffusers pipeline folder",
     ),
     "unreadable image": (
         lambda files, decoy, tmp: ["fill", decoy, "--image", files["not_a_picture"], "--mask", files["mask"]],

@@ -37,6 +37,8 @@ from guarded_diffusers.scan.headroom import (
 from guarded_diffusers.scan.plan import plan_from_scan, plan_scan
 from guarded_diffusers.scan.samples import draw_samples
 from guarded_diffusers.testing import INJECTION_SITES, RESIDUAL_SITES, sample_inputs
+from guarded_diffusers.testing.families import FAMILIES
+from pytest_fluxguard.calls import call_shape
 
 SAMPLING = ["--max-size", "16", "--max-steps", "2", "--max-sequence-length", "32"]
 FLOAT16_MAX = 65504.0
@@ -118,10 +120,10 @@ def test_report_numbers_match_an_independent_measurement(
 ) -> None:
     folder, injected = saved_model("t5_ff")
     report = scan(capsys, folder, tmp_path, "--samples", "1")
-    (example,) = draw_samples(
-        1, max_size=16, multiple=4, max_steps=2, max_sequence_length=32, max_guidance=100
-    )
     pipe = load(FluxFillPipeline, folder, torch.float32)
+    (example,) = draw_samples(
+        1, shape=call_shape(pipe), max_size=16, max_steps=2, max_sequence_length=32, max_guidance=100
+    )
     watched = {
         injected: pipe.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wi_1,
         "text_encoder.encoder.layers.1.mlp.fc1": pipe.text_encoder.encoder.layers[1].mlp.fc1,
@@ -446,3 +448,16 @@ def test_planner_budget_and_readers() -> None:
         "transformer.b",
         "vae.decoder.c",
     ]
+
+
+def test_a_text_to_image_folder_is_scanned_with_the_inputs_its_call_takes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """SD 1.5 with a UNet overflow: the scan draws prompts only, finds the layer and plans its fix."""
+    folder = tmp_path / "sd15"
+    injected = FAMILIES["sd15"].save(folder, "unet_mid_ff")
+    report = scan(capsys, folder, tmp_path / "scan", "--samples", "2", "--max-extra-memory", "0.1")
+    assert injected in report["at_risk"]
+    assert report["sampling"]["pipeline"] == "StableDiffusionPipeline"
+    (fix,) = json.loads((tmp_path / "scan" / "plan.json").read_text())["fixes"]
+    assert injected == fix["module"] or injected.startswith(fix["module"] + ".")

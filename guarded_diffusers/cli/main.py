@@ -65,8 +65,9 @@ Writes DIR/report.json (modules sorted by headroom = log2(dtype max / absmax) of
 or input, those under the margin marked at risk; the residual stream's blocks and stream spans),
 DIR/plan.json (float32 islands within --max-extra-memory, else residual fixes; use it with
 guard_plan= or fill --plan), DIR/report.html (chart and tables, no network needed) and
-DIR/headroom.png. Samples come from pytest_fluxguard.strategies.fill_inputs, drawn the same
-way every time.
+DIR/headroom.png. MODEL is any diffusers pipeline folder; samples come from
+pytest_fluxguard.strategies.call_inputs, shaped by the pipeline's call (text to image draws no
+image or mask) and drawn the same way every time.
 
 examples:
   fluxguard scan ./flux-fill --samples 16 --out scan
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run="generate")
 
     scan = _subcommand(commands, "scan", SCAN_HELP)
-    scan.add_argument("model", type=Path, metavar="MODEL", help="Flux Fill model folder")
+    scan.add_argument("model", type=Path, metavar="MODEL", help="any diffusers pipeline folder")
     scan.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the report and plan")
     scan.add_argument(
         "--samples", type=positive_int, default=8, metavar="N", help="generated inputs (default: %(default)s)"

@@ -16,7 +16,7 @@ from ..scan.headroom import HeadroomScan
 from ..scan.plan import ScanPlan, plan_scan
 from ..scan.report import write_report
 from ..scan.run import ScanRequest, SizeTooSmall, run_scan
-from .inputs import UsageError, device, memory_fraction, model_folder, output_folder
+from .inputs import UsageError, device, memory_fraction, output_folder, pipeline_folder
 
 SHOWN_MODULES = 5
 
@@ -61,8 +61,9 @@ def summary(scan: HeadroomScan, planned: ScanPlan) -> str:
 
 def run_scan_command(args: argparse.Namespace) -> int:
     """Check the inputs, scan, and (on the main process) write the files and print the summary."""
+    pipeline_folder(args.model)
     request = ScanRequest(
-        model=model_folder(args.model),
+        model=args.model,
         dtype=args.dtype,
         samples=args.samples,
         margin_bits=args.margin,

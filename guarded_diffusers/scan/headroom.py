@@ -41,8 +41,9 @@ from torch import nn
 from ..core.checks import absmax_on_device, floating_tensors
 from ..core.stream import residual_blocks, saturation_limit, stream_tensors
 
-# The pipeline components with weights; modules are named "component.path" as in the guard's reports.
-COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "transformer")
+# The components recorded, in the order the report and chart list them (a pipeline has some of
+# them); modules are named "component.path" as in the guard's reports.
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "controlnet", "transformer", "unet")
 FORMAT = "guarded-diffusers/headroom-report"
 # 3: residual-stream blocks recorded apart ("stream"), island costs and the memory budget.
 VERSION = 3

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from diffusers import FluxFillPipeline
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
+
+from pytest_fluxguard.calls import call_shape
 
 from ..core.options import DEFAULT_MAX_EXTRA_MEMORY
 from .headroom import AbsmaxRecorder, HeadroomScan, SampleRecord, merge
@@ -60,16 +62,18 @@ def process_state(device: str) -> tuple[PartialState, torch.device]:
 def run_scan(request: ScanRequest) -> HeadroomScan | None:
     """The merged scan on the main process; ``None`` on the other processes."""
     state, device = process_state(request.device)
-    pipe = FluxFillPipeline.from_pretrained(request.model, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(request.model, dtype=torch.float32)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    multiple = 2 * pipe.vae_scale_factor
+    shape = call_shape(pipe)
+    multiple = shape.size_multiple
     if request.max_size < multiple:
         raise SizeTooSmall(
             f"--max-size {request.max_size} is below this model's smallest size, {multiple} px"
         )
     sampling = {
-        "strategy": "pytest_fluxguard.strategies.fill_inputs",
+        "strategy": "pytest_fluxguard.strategies.call_inputs",
+        "pipeline": type(pipe).__name__,
         "max_size": request.max_size,
         "multiple": multiple,
         "max_steps": request.max_steps,
@@ -79,8 +83,8 @@ def run_scan(request: ScanRequest) -> HeadroomScan | None:
     }
     examples = draw_samples(
         request.samples,
+        shape=shape,
         max_size=request.max_size,
-        multiple=multiple,
         max_steps=request.max_steps,
         max_sequence_length=request.max_sequence_length,
         max_guidance=request.max_guidance,
