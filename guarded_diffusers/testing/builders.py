@@ -28,7 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from guarded_diffusers.testing import TINY, TinySpec, tiny_flux_fill_pipeline
+from .flux_fill import TINY, TinySpec, tiny_flux_fill_pipeline
 
 __all__ = [
     "tiny_flux_kontext_pipeline",

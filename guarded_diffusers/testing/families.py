@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from guarded_diffusers.testing import (
+from .builders import (
+    tiny_flux_kontext_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
+from .flux_fill import (
     INJECTION_SITES,
     RESIDUAL_SITES,
     TINY,
@@ -25,13 +32,6 @@ from guarded_diffusers.testing import (
     _amplify_channels,
     sample_inputs,
     tiny_flux_fill_pipeline,
-)
-from guarded_diffusers.testing.builders import (
-    tiny_flux_kontext_pipeline,
-    tiny_flux_pipeline,
-    tiny_sd3_pipeline,
-    tiny_sd15_pipeline,
-    tiny_sdxl_pipeline,
 )
 
 __all__ = ["FAMILIES", "Family"]

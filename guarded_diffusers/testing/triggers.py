@@ -17,7 +17,7 @@ import torch
 from diffusers import FluxFillPipeline
 from torch import nn
 
-from guarded_diffusers.testing import TINY, TinySpec, tiny_flux_fill_pipeline
+from .flux_fill import TINY, TinySpec, tiny_flux_fill_pipeline
 
 # Feed-forward rows that read a trigger direction (the other rows keep their random weights).
 _TRIGGER_CHANNELS = 4
