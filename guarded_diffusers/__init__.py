@@ -36,7 +36,7 @@ if TYPE_CHECKING:
         GuardedStableDiffusionXLPipeline,
     )
     from .pipelines.flux_fill import GuardedFluxFillPipeline
-    from .pipelines.guarded import GuardedPipeline
+    from .pipelines.guarded import GuardedPipeline, pixel_multiple
     from .pipelines.outputs import GuardedFluxPipelineOutput
 
 # Public name -> the submodule that defines it.
@@ -70,6 +70,7 @@ _EXPORTS = {
     "hookimpl": "core.hookspecs",
     "Incident": "core.report",
     "NonFiniteError": "core.report",
+    "pixel_multiple": "pipelines.guarded",
     "plugin_manager": "core.plugins",
     "PrecisionPlan": "core.plan",
     "psnr": "core.fidelity",
@@ -110,6 +111,7 @@ __all__ = [
     "as_displayed",
     "guard",
     "hookimpl",
+    "pixel_multiple",
     "plugin_manager",
     "psnr",
     "resolve_device",

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from typing import Any
 
-# Stable Diffusion (1.5 and XL) refuses heights and widths that are not multiples of 8.
-UNET_SIZE_MULTIPLE = 8
+from guarded_diffusers import pixel_multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +25,6 @@ class CallShape:
     embeds_guidance: bool
 
 
-def _size_multiple(pipe: Any) -> int:
-    """Flux packs 2 x 2 latents (2 x vae_scale_factor); SD3 patches them (x patch_size); UNets take 8."""
-    scale = pipe.vae_scale_factor
-    if hasattr(pipe, "_pack_latents"):
-        return 2 * scale
-    patch_size = getattr(pipe, "patch_size", None)
-    if patch_size:
-        return scale * patch_size
-    return math.lcm(UNET_SIZE_MULTIPLE, scale)
-
-
 def call_shape(pipe: Any) -> CallShape:
     """The shape of ``pipe``'s call (a raw pipeline; a guarded one keeps its base class's call)."""
     parameters = inspect.signature(type(pipe).__call__).parameters
@@ -46,6 +33,6 @@ def call_shape(pipe: Any) -> CallShape:
     return CallShape(
         parameters=frozenset(parameters),
         default_guidance=float(guidance.default) if guidance is not None else 0.0,
-        size_multiple=_size_multiple(pipe),
+        size_multiple=pixel_multiple(pipe),
         embeds_guidance=bool(config.get("guidance_embeds", False)),
     )

@@ -77,7 +77,7 @@ def _painted(mask):
 
 def _find(strategy, condition):
     """An example meeting ``condition``; fails the test when 500 draws hold none."""
-    return find(strategy, condition, settings=settings(database=None, max_examples=500))
+    return find(strategy, condition, settings=settings(database=None, max_examples=500, derandomize=True))
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,13 @@ def test_token_prompts_fill_the_clip_window_with_distinct_tokens_and_reach_every
     pipe, vocabulary = vocabularies
     seen, windows = set(), []
 
-    @settings(max_examples=60, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=60,
+        database=None,
+        deadline=None,
+        derandomize=True,  # the same 60 prompts every run: the median below is a property of them
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(prompt=token_prompts(vocabulary))
     def draw(prompt):
         ids = pipe.tokenizer(prompt, add_special_tokens=False).input_ids[:75]
@@ -150,7 +156,7 @@ def _reaches(strategy, *conditions, examples: int = 200) -> None:
     """Fails unless every condition holds for some drawn value (generation only: no shrinking)."""
     held = [False] * len(conditions)
 
-    @settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate])
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=True, phases=[Phase.generate])
     @given(value=strategy)
     def draw(value):
         for index, condition in enumerate(conditions):

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ from .outputs import with_report
 # Set while diffusers' from_pipe runs: its closing ``.to(dtype)`` would cast the shared modules.
 _SKIP_PIPELINE_CAST: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_cast", default=False)
 GuardPlanArgument = PrecisionPlan | str | os.PathLike[str] | None
+# diffusers' Stable Diffusion pipelines refuse sizes that are not multiples of 8.
+_UNET_MULTIPLE = 8
 # Each diffusers pipeline class -> its guarded subclass (the named classes register themselves).
 _GUARDED_CLASSES: dict[type, type[GuardedPipeline]] = {}
 
@@ -57,6 +60,7 @@ class GuardedPipeline:
     guarded_base: ClassVar[type[DiffusionPipeline]]
     required_inputs: ClassVar[dict[str, str]] = {}
     _call_signature: ClassVar[inspect.Signature]
+    _call_defaults: ClassVar[dict[str, Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -68,6 +72,9 @@ class GuardedPipeline:
         cls.guarded_base = base
         _GUARDED_CLASSES.setdefault(base, cls)
         cls._call_signature = inspect.signature(base.__call__)
+        cls._call_defaults = {
+            name: p.default for name, p in cls._call_signature.parameters.items() if p.default is not p.empty
+        }
         if "__call__" not in cls.__dict__:
             cls.__call__ = _guarded_call_method(base, cls._call_signature)  # type: ignore[method-assign]
         if callable(getattr(base, "encode_prompt", None)) and "encode_prompt" not in cls.__dict__:
@@ -204,10 +211,9 @@ class GuardedPipeline:
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(signature.parameters)))  # self
         validate_finite_inputs(arguments)
-        defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
         validate_call_arguments(
-            {**defaults, **arguments},
-            self._pixel_multiple(),
+            {**self._call_defaults, **arguments},
+            pixel_multiple(self),
             self.guarded_base.__name__,
             self.required_inputs,
         )
@@ -226,17 +232,6 @@ class GuardedPipeline:
             output = super().__call__(*bound.args[1:], **bound.kwargs)  # type: ignore[misc]
         return output if isinstance(output, tuple) else with_report(output, report)
 
-    def _pixel_multiple(self) -> int:
-        """The pixel block a height or width must cover: the VAE's factor times the latent patch size."""
-        factor = getattr(self, "vae_scale_factor", 1)
-        # `is None`, not `or`: torch.compile's OptimizedModule raises on truth testing
-        denoiser = getattr(self, "transformer", None)
-        if denoiser is None:
-            denoiser = getattr(self, "unet", None)
-        patch = getattr(getattr(denoiser, "config", None), "patch_size", None) or 1
-        packed = 2 if hasattr(self, "_pack_latents") else 1  # the Flux family packs 2x2 latent patches
-        return int(factor * max(patch, packed))
-
     def _step_callback(self, user_callback: Any, user_inputs: list[str]) -> Callable[..., dict[str, Any]]:
         """Check the scheduler's latents, then hand the user's callback exactly what it asked for."""
 
@@ -247,6 +242,16 @@ class GuardedPipeline:
             return user_callback(pipeline, step, timestep, {name: tensors[name] for name in user_inputs})
 
         return on_step_end
+
+
+def pixel_multiple(pipe: DiffusionPipeline) -> int:
+    """What a height or width must be a multiple of: Flux packs 2 x 2 latents (2 x vae_scale_factor),
+    SD3 patches them (x its transformer's patch_size), UNets take multiples of 8 (diffusers' check)."""
+    scale = int(getattr(pipe, "vae_scale_factor", 1))
+    if hasattr(pipe, "_pack_latents"):
+        return 2 * scale
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    return scale * patch if patch else math.lcm(_UNET_MULTIPLE, scale)
 
 
 def guarded_class(base: type[DiffusionPipeline]) -> type[GuardedPipeline]:
