@@ -22,6 +22,7 @@ from .artifacts import folder_for, save_failure
 from .budget import BudgetSpent, ShrinkBudget
 from .calls import call_shape
 from .checks import GuardedCheck, RawCheck
+from .clock import still_clock
 from .failures import ExampleFailed, FluxGuardFailure
 from .inputs import FillInputs
 from .options import FluxGuardOptions
@@ -84,7 +85,8 @@ def _run_item(
     settings = fluxguard_settings(item.config.rootpath, options.examples, verbosity=Verbosity.quiet)
     test = given(example=strategy)(settings(run_example))
     try:
-        test()
+        with still_clock():
+            test()
     except BudgetSpent:
         failures = budget.smallest()
     except Exception as error:  # one ExampleFailed, or a group of distinct ones, each shrunk

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup
@@ -715,6 +719,51 @@ def test_overflows_in_two_modules_are_two_failures_each_shrunk(
     problems = re.findall(r"(?:first module to go non-finite: |overflows at \w+ in )(\S+)", text)
     assert sorted(problems) == sorted([encoder, decoder]), problems
     assert re.findall(r"prompt=('.*?'),", text) == ["''", "''"]
+
+
+def _two_module_report(run: Callable[..., Any], folder: Path) -> str:
+    """The two-module item's failure section: the plugin's text, without the saved PNG paths (a temp
+    folder per run) or what the libraries print on import (a fresh process's captured output)."""
+    result = run(
+        f"--fluxguard-model={folder}",
+        "--fluxguard-dtype=float16",
+        "--fluxguard-mode=raw",
+        "--hypothesis-seed=0",
+        "--fluxguard-max-size=8",
+        "--fluxguard-max-steps=1",
+        "--fluxguard-max-sequence-length=8",
+        "--fluxguard-max-shrinks=20",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(failed=1)
+    section = failure_section(result.stdout.str(), "weights/float16/raw")
+    section = list(itertools.takewhile(lambda line: not line.startswith("---"), section))
+    return "\n".join(line for line in section if not line.strip().endswith(".png"))
+
+
+def test_the_same_seed_gives_the_same_shrunk_failures_whatever_the_machine_speed(
+    pytester, tmp_path_factory, keeps_hypothesis_seed, monkeypatch
+):
+    """Two failures, each shrunk: once, again in the same process on a clock that runs 1000 times
+    faster (a machine or model that much slower: hypothesis stops looking for more failures after
+    10 seconds, and shrinking after 300), and once in a fresh process. The reports are identical.
+    """
+    folder = tmp_path_factory.mktemp("two-modules-again")
+    pipe = tiny_flux_fill_pipeline(seed=0)
+    inject_triggered_overflow(pipe, "image_saturation")
+    inject_overflow(pipe, "vae_decoder")
+    pipe.save_pretrained(folder)
+    first = _two_module_report(pytester.runpytest, folder)
+    assert "1 more distinct failure(s), each shrunk" in first
+    with monkeypatch.context() as patch:
+        for name in ("monotonic", "perf_counter"):
+            real = getattr(time, name)
+            start = real()
+            patch.setattr(time, name, lambda real=real, start=start: start + 1000 * (real() - start))
+        slow = _two_module_report(pytester.runpytest, folder)
+    assert slow == first
+    assert _two_module_report(pytester.runpytest_subprocess, folder) == first
 
 
 # -- LoRA repositories -----------------------------------------------------------------------------------
