@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -215,3 +217,21 @@ def test_a_controlnet_is_a_stage_of_its_own_located_at_the_step_it_overflowed():
         site.replace("transformer.", "controlnet.", 1),
     )
     assert output.guard_report.recovered and np.isfinite(output.images).all()
+
+
+def test_guard_hands_out_the_named_class_the_package_exports_after_its_module_ran_again():
+    """pytester's in-process runs (and importlib.reload) run a module again: a new class object of
+    the same name. guard() must give the one ``guarded_diffusers`` exports now, not the first one."""
+    probe = (
+        "import sys\n"
+        "from guarded_diffusers.pipelines import guarded\n"
+        "import guarded_diffusers.pipelines.classes\n"
+        "for name in [m for m in list(sys.modules) if m.startswith('guarded_diffusers.')]:\n"
+        "    if name != guarded.__name__:\n"
+        "        del sys.modules[name]\n"
+        "from guarded_diffusers import GuardedFluxPipeline, guard\n"
+        "from guarded_diffusers.testing import tiny_flux_pipeline\n"
+        "print(type(guard(tiny_flux_pipeline(0))) is GuardedFluxPipeline)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]

@@ -70,7 +70,10 @@ class GuardedPipeline:
             if issubclass(parent, DiffusionPipeline) and not issubclass(parent, GuardedPipeline)
         )
         cls.guarded_base = base
-        _GUARDED_CLASSES.setdefault(base, cls)
+        if cls.__module__ == __name__:  # made by guarded_class: a named class, if any, comes first
+            _GUARDED_CLASSES.setdefault(base, cls)
+        else:  # a named class, also when its module runs again (a reload): guard() hands out this one
+            _GUARDED_CLASSES[base] = cls
         cls._call_signature = inspect.signature(base.__call__)
         cls._call_defaults = {
             name: p.default for name, p in cls._call_signature.parameters.items() if p.default is not p.empty
