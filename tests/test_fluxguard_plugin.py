@@ -685,45 +685,20 @@ def test_the_shrink_budget_grants_calls_per_distinct_failure_and_keeps_the_short
         budget.spend()
 
 
-def test_overflows_in_two_modules_are_two_failures_each_shrunk(
-    pytester, tmp_path_factory, keeps_hypothesis_seed
-):
-    """The VAE encoder overflows for saturated pixels, the decoder for every input: two failures.
-
-    A saturated image fails at the encoder, which runs before the decoder; every other call fails at
-    the decoder. One failure class would merge them into whichever hypothesis found first; one class
-    per module keeps both, each shrunk on its own (here for 20 calls each: the prompt goes first).
-    """
+@pytest.fixture(scope="module")
+def two_modules(tmp_path_factory) -> tuple[Path, str, str]:
+    """A model whose VAE encoder overflows for saturated pixels and whose decoder overflows for every
+    input: (folder, encoder module, decoder module)."""
     folder = tmp_path_factory.mktemp("two-modules")
     pipe = tiny_flux_fill_pipeline(seed=0)
     encoder = inject_triggered_overflow(pipe, "image_saturation")
     decoder = inject_overflow(pipe, "vae_decoder")
     pipe.save_pretrained(folder)
-    result = pytester.runpytest(
-        f"--fluxguard-model={folder}",
-        "--fluxguard-dtype=float16",
-        "--fluxguard-mode=raw",
-        "--hypothesis-seed=0",
-        "--fluxguard-max-size=8",
-        "--fluxguard-max-steps=1",
-        "--fluxguard-max-sequence-length=8",
-        "--fluxguard-max-shrinks=20",
-        "-p",
-        "no:cacheprovider",
-    )
-    result.assert_outcomes(failed=1)
-    section = failure_section(result.stdout.str(), "weights/float16/raw")
-    assert_short_and_quiet(section)
-    text = "\n".join(section)
-    assert "1 more distinct failure(s), each shrunk" in text
-    problems = re.findall(r"(?:first module to go non-finite: |overflows at \w+ in )(\S+)", text)
-    assert sorted(problems) == sorted([encoder, decoder]), problems
-    assert re.findall(r"prompt=('.*?'),", text) == ["''", "''"]
+    return folder, encoder, decoder
 
 
-def _two_module_report(run: Callable[..., Any], folder: Path) -> str:
-    """The two-module item's failure section: the plugin's text, without the saved PNG paths (a temp
-    folder per run) or what the libraries print on import (a fresh process's captured output)."""
+def _two_module_section(run: Callable[..., Any], folder: Path) -> list[str]:
+    """The two-module item's failure section, from a seeded run that shrinks each failure 20 calls."""
     result = run(
         f"--fluxguard-model={folder}",
         "--fluxguard-dtype=float16",
@@ -737,23 +712,42 @@ def _two_module_report(run: Callable[..., Any], folder: Path) -> str:
         "no:cacheprovider",
     )
     result.assert_outcomes(failed=1)
-    section = failure_section(result.stdout.str(), "weights/float16/raw")
+    return failure_section(result.stdout.str(), "weights/float16/raw")
+
+
+def test_overflows_in_two_modules_are_two_failures_each_shrunk(pytester, two_modules, keeps_hypothesis_seed):
+    """The VAE encoder overflows for saturated pixels, the decoder for every input: two failures.
+
+    A saturated image fails at the encoder, which runs before the decoder; every other call fails at
+    the decoder. One failure class would merge them into whichever hypothesis found first; one class
+    per module keeps both, each shrunk on its own (here for 20 calls each: the prompt goes first).
+    """
+    folder, encoder, decoder = two_modules
+    section = _two_module_section(pytester.runpytest, folder)
+    assert_short_and_quiet(section)
+    text = "\n".join(section)
+    assert "1 more distinct failure(s), each shrunk" in text
+    problems = re.findall(r"(?:first module to go non-finite: |overflows at \w+ in )(\S+)", text)
+    assert sorted(problems) == sorted([encoder, decoder]), problems
+    assert re.findall(r"prompt=('.*?'),", text) == ["''", "''"]
+
+
+def _two_module_report(run: Callable[..., Any], folder: Path) -> str:
+    """The plugin's own text of the two-module failure, without the saved PNG paths (a temp folder
+    per run) or what the libraries print on import (a fresh process's captured output)."""
+    section = _two_module_section(run, folder)
     section = list(itertools.takewhile(lambda line: not line.startswith("---"), section))
     return "\n".join(line for line in section if not line.strip().endswith(".png"))
 
 
 def test_the_same_seed_gives_the_same_shrunk_failures_whatever_the_machine_speed(
-    pytester, tmp_path_factory, keeps_hypothesis_seed, monkeypatch
+    pytester, two_modules, keeps_hypothesis_seed, monkeypatch
 ):
     """Two failures, each shrunk: once, again in the same process on a clock that runs 1000 times
     faster (a machine or model that much slower: hypothesis stops looking for more failures after
     10 seconds, and shrinking after 300), and once in a fresh process. The reports are identical.
     """
-    folder = tmp_path_factory.mktemp("two-modules-again")
-    pipe = tiny_flux_fill_pipeline(seed=0)
-    inject_triggered_overflow(pipe, "image_saturation")
-    inject_overflow(pipe, "vae_decoder")
-    pipe.save_pretrained(folder)
+    folder = two_modules[0]
     first = _two_module_report(pytester.runpytest, folder)
     assert "1 more distinct failure(s), each shrunk" in first
     with monkeypatch.context() as patch:
