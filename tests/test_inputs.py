@@ -176,9 +176,11 @@ def test_pil_mask_out_of_range_or_unreadable_is_refused(watched, mask, match):
 def test_pil_masks_diffusers_reads_as_levels_are_accepted(mode):
     mask = sample_inputs(32)["mask_image"].convert(mode)
     parameters = inspect.signature(FluxFillPipeline.__call__).parameters.values()
-    defaults = {p.name: p.default for p in parameters}
-    arguments = {**defaults, **sample_inputs(32), "mask_image": mask}
-    validate_call_arguments(arguments, 4, "FluxFillPipeline", GuardedFluxFillPipeline.required_inputs)
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    arguments = {**sample_inputs(32), "mask_image": mask}
+    validate_call_arguments(
+        arguments, defaults, 4, "FluxFillPipeline", GuardedFluxFillPipeline.required_inputs
+    )
 
 
 def test_mode_f_mask_in_levels_fills_like_mode_l(watched):
@@ -213,3 +215,13 @@ def test_from_pipe_refuses_a_dtype_that_is_not_a_torch_dtype(watched, value):
     with pytest.raises(ValueError, match=r"`dtype` must be a torch\.dtype"):
         GuardedFluxFillPipeline.from_pipe(pipe, dtype=value)
     assert state_snapshot(pipe) == before
+
+
+@pytest.mark.parametrize("name", ["guidance_scale", "strength", "num_inference_steps", "max_sequence_length"])
+def test_a_none_is_the_pipelines_to_interpret_only_where_it_is_the_pipelines_own_default(name):
+    """QwenImagePipeline defaults ``guidance_scale`` to None (diffusers decides what None means);
+    FluxFillPipeline defaults it to 30, where None would fail deep in the pipeline."""
+    arguments = {**sample_inputs(32), name: None}
+    validate_call_arguments(arguments, {name: None}, 4, "QwenImagePipeline", {})
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        validate_call_arguments(arguments, {name: 1}, 4, "FluxFillPipeline", {})

@@ -29,7 +29,7 @@ from diffusers import FluxFillPipeline
 from guarded_diffusers import GuardedFluxFillPipeline
 from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.core.report import DegradedFixWarning
-from guarded_diffusers.pipelines.lora_lifecycle import last_outcomes
+from guarded_diffusers.pipelines.operations import last_outcomes
 from guarded_diffusers.testing import inject_overflow, tiny_flux_fill_pipeline
 
 peft = pytest.importorskip("peft")

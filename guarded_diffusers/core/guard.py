@@ -91,9 +91,13 @@ class Guard:
         """Revert every fix, newest first (plan fixes too): each module returns to its loaded state."""
         self._ledger.revert(self.fixes)
 
+    def revert(self, fixes: Sequence[Fix]) -> None:
+        """Revert these held fixes, newest first, and forget them; the others stay."""
+        self._ledger.revert(list(fixes))
+
     def working_dtype(self, component: str) -> torch.dtype | None:
-        """The dtype ``component`` reported before any fix changed it."""
-        if self.fixes and component in self._working_dtypes:
+        """The dtype ``component`` reported before any fix held now changed it."""
+        if component in self._fixed_components() and component in self._working_dtypes:
             return self._working_dtypes[component]
         module = resolve_component(self._pipeline, component)
         return module_dtype(module) if module is not None else None
@@ -156,7 +160,12 @@ class Guard:
             yield plan
         finally:
             self.apply_plan(plan)
-            self._ledger.restore_costs(costs)
+            self.restore_measured(costs)
+
+    def restore_measured(self, measured: Sequence[FixInForce]) -> None:
+        """Give fixes re-applied after a lift the cost and error they ``measured`` when they were
+        made (matched by strategy and module): a plan carries neither."""
+        self._ledger.restore_costs(list(measured))
 
     def in_force(self) -> list[FixInForce]:
         """The fixes held now, oldest first, with the memory each adds and how faithful it measured."""
@@ -307,10 +316,20 @@ class Guard:
             )
         return dataclasses.replace(location, memory_budget=self._ledger.budget_left())
 
+    def _fixed_components(self) -> set[str]:
+        return {fix.module_name.partition(".")[0] for fix in self.fixes}
+
     def _note_working_dtypes(self) -> None:
-        """Record each component's dtype before the first fix can change it."""
-        if not self.fixes:
-            self._working_dtypes = {name: self.working_dtype(name) for name in self._components}
+        """Record the dtype of each component that no held fix changes, before the next fix can.
+
+        A component whose fixes were all reverted is recorded anew, so a dtype the user chose since
+        (``pipe.to(torch.float32)``) is the component's working dtype from then on.
+        """
+        fixed = self._fixed_components()
+        for name in self._components:
+            if name not in fixed:
+                module = resolve_component(self._pipeline, name)
+                self._working_dtypes[name] = module_dtype(module) if module is not None else None
 
     def _failure(self, message: str) -> NonFiniteError:
         return NonFiniteError(message, self._current().report)

@@ -57,10 +57,12 @@ class FixLedger:
             self.fixes = [fix for fix in self.fixes if id(fix) not in gone]
 
     def restore_costs(self, costs: list[FixInForce]) -> None:
-        """After the held fixes were lifted and re-applied in the same order, give them back the
-        cost and measured error they had (a plan carries neither)."""
-        for fix, cost in zip(self.fixes, costs, strict=False):
-            if (fix.strategy, fix.module_name) == (cost.strategy, cost.module):
+        """After fixes were lifted and re-applied, give each back the cost and measured error it had
+        (a plan carries neither), matched by strategy and module."""
+        lifted = {(cost.strategy, cost.module): cost for cost in costs}
+        for fix in self.fixes:
+            cost = lifted.pop((fix.strategy, fix.module_name), None)
+            if cost is not None:
                 self._costs[id(fix)] = cost
 
     def in_force(self) -> list[FixInForce]:

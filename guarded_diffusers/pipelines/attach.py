@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from ..core.options import Fidelity, GuardOptions
 from . import classes, flux_fill  # noqa: F401  (defining the named classes registers them for guarded_class)
 from .guarded import GuardedPipeline, GuardPlanArgument, guard_settings, guarded_class
-from .lora_lifecycle import release_components
+from .operations import release_components
 
 Pipeline = TypeVar("Pipeline", bound=DiffusionPipeline)
 

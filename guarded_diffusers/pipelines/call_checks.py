@@ -49,18 +49,26 @@ def check_dtype_arguments(kwargs: Mapping[str, Any], allow_dict: bool) -> None:
 
 
 def validate_call_arguments(
-    arguments: Mapping[str, Any], pixel_multiple: int, pipeline: str, required: Mapping[str, str]
+    arguments: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    pixel_multiple: int,
+    pipeline: str,
+    required: Mapping[str, str],
 ) -> None:
-    """Check a call's arguments (defaults included) against what ``pipeline``'s signature takes.
+    """Check a call's ``arguments`` against what ``pipeline``'s signature takes and its ``defaults``.
 
     ``pixel_multiple`` is the model's pixel block; ``required`` names inputs the call cannot do
-    without, and what each is. Checks of an argument the pipeline does not take are skipped.
+    without, and what each is. Checks of an argument the pipeline does not take are skipped, and so
+    are those of a None the pipeline itself defaults to (QwenImage's ``guidance_scale=None``: the
+    pipeline decides what None means).
     """
+    arguments = {**defaults, **arguments}
     for name, what in required.items():
         if arguments.get(name) is None:
             raise ValueError(f"`{name}` is required: {what}.")
     _check_prompts(arguments)
-    _check_numbers(arguments, pixel_multiple)
+    unset = {name for name, value in arguments.items() if value is None and defaults.get(name, ...) is None}
+    _check_numbers({name: arguments[name] for name in arguments.keys() - unset}, pixel_multiple)
     _check_pil_modes(arguments, pipeline)
     _check_batch(arguments)
 

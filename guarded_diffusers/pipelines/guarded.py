@@ -10,15 +10,18 @@ call, ``encode_prompt`` and the LoRA methods keep the parent's signatures.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
+import dataclasses
 import functools
 import inspect
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, SupportsIndex
 
 import torch
 from diffusers import DiffusionPipeline
@@ -28,13 +31,15 @@ from typing_extensions import Self
 
 from ..core.casting import module_dtype, set_tensor_dtype
 from ..core.checks import validate_finite_inputs
+from ..core.gate import exclusive
 from ..core.guard import Guard
 from ..core.options import Fidelity, GuardOptions
 from ..core.plan import PrecisionPlan
 from ..core.plugins import registered_strategies, resolve_strategies
+from ..core.report import FixInForce
 from ..core.stages import SCHEDULER_STAGE
 from .call_checks import check_dtype_arguments, validate_call_arguments
-from .lora_lifecycle import adopt_components, lifts_fixes_around_lora
+from .operations import adopt_components, casts_dtype, lifted, lifts_fixes_around_lora, pipeline_guards
 from .outputs import with_report
 
 # Set while diffusers' from_pipe runs: its closing ``.to(dtype)`` would cast the shared modules.
@@ -153,16 +158,56 @@ class GuardedPipeline:
         finally:
             _SKIP_PIPELINE_CAST.reset(token)
         if dtype is not None:
-            for component in new_pipeline.components.values():
-                if isinstance(component, nn.Module):
-                    _cast_keeping_float32(component, dtype)
+            with lifted(pipeline_guards(new_pipeline), f"{cls.__name__}.from_pipe", changes_weights=False):
+                for component in new_pipeline.components.values():
+                    if isinstance(component, nn.Module):
+                        _cast_keeping_float32(component, dtype)
         return new_pipeline._install_guard(*settings)
 
     def to(self, *args, **kwargs) -> Self:
-        """DiffusionPipeline.to; inside ``from_pipe`` only, a no-op, so shared modules keep their dtype."""
+        """DiffusionPipeline.to, with held fixes lifted around a dtype change (``operations``); inside
+        ``from_pipe`` only, a no-op, so shared modules keep their dtype."""
         if _SKIP_PIPELINE_CAST.get():
             return self
-        return super().to(*args, **kwargs)  # type: ignore[misc]
+        if not casts_dtype("to", args, kwargs):
+            return super().to(*args, **kwargs)  # type: ignore[misc]
+        with lifted(pipeline_guards(self), f"{type(self).__name__}.to", changes_weights=False):
+            return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        """A copy with its own modules and its own guard, holding the same fixes (re-applied on the
+        copy's modules, with the costs and errors they measured): fixes are lifted while the modules
+        are copied, so no hook or saved tensor of the original's fixes travels."""
+        with _plain_state(self, "copy.deepcopy") as (state, settings):
+            clone = object.__new__(type(self))
+            memo[id(self)] = clone
+            clone.__dict__.update(copy.deepcopy(state, memo))
+        return clone._restore_guard(settings)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Pickle the pipeline as plain diffusers state plus its guard's settings and fixes.
+
+        With fixes held, the state is a copy made with them lifted (twice the parameter memory while
+        pickling); the unpickled pipeline re-applies them. Strategies travel by name: a strategy
+        registered at run time must be registered in the process that unpickles.
+        """
+        with _plain_state(self, "pickle") as (state, settings):
+            if settings is not None and settings.plan.entries:
+                state = copy.deepcopy(state)
+        if settings is not None:
+            settings = dataclasses.replace(settings, strategies=[s.name for s in settings.strategies])
+        return (_unpickled, (self.guarded_base, state, settings))
+
+    def _restore_guard(self, settings: _GuardSettings | None) -> Self:
+        """Give a copied pipeline its own guard and the fixes the original held."""
+        if settings is None:
+            return self
+        strategies = settings.strategies
+        if strategies and isinstance(strategies[0], str):
+            strategies = resolve_strategies(strategies)
+        self._install_guard(list(strategies), settings.plan, settings.options)
+        self.guard.restore_measured(settings.measured)
+        return self
 
     def _install_guard(
         self, strategies: list[Any], plan: PrecisionPlan | None, options: GuardOptions
@@ -215,7 +260,8 @@ class GuardedPipeline:
         arguments.pop(next(iter(signature.parameters)))  # self
         validate_finite_inputs(arguments)
         validate_call_arguments(
-            {**self._call_defaults, **arguments},
+            arguments,
+            self._call_defaults,
             pixel_multiple(self),
             self.guarded_base.__name__,
             self.required_inputs,
@@ -245,6 +291,39 @@ class GuardedPipeline:
             return user_callback(pipeline, step, timestep, {name: tensors[name] for name in user_inputs})
 
         return on_step_end
+
+
+@dataclasses.dataclass
+class _GuardSettings:
+    """What a copy of a guarded pipeline needs to guard itself as the original was guarded."""
+
+    strategies: list[Any]  # strategy objects, or their names once pickled
+    options: GuardOptions
+    plan: PrecisionPlan
+    measured: list[FixInForce]
+
+
+@contextlib.contextmanager
+def _plain_state(
+    pipeline: GuardedPipeline, operation: str
+) -> Iterator[tuple[dict[str, Any], _GuardSettings | None]]:
+    """The pipeline's attributes without its guard, while every fix on its modules is lifted and no
+    forward runs through a guarded component; and the guard's settings and fixes (None: no guard)."""
+    guard = pipeline.__dict__.get("guard")
+    settings = None
+    if guard is not None:
+        settings = _GuardSettings(list(guard.strategies), guard.options, guard.plan(), guard.in_force())
+    with exclusive(), lifted(pipeline_guards(pipeline), operation, changes_weights=False):
+        yield {name: value for name, value in pipeline.__dict__.items() if name != "guard"}, settings
+
+
+def _unpickled(
+    base: type[DiffusionPipeline], state: dict[str, Any], settings: _GuardSettings | None
+) -> GuardedPipeline:
+    """A pickled guarded pipeline back: its guarded class (by its diffusers class), state and guard."""
+    pipeline = object.__new__(guarded_class(base))
+    pipeline.__dict__.update(state)
+    return pipeline._restore_guard(settings)
 
 
 def pixel_multiple(pipe: DiffusionPipeline) -> int:

@@ -1,13 +1,21 @@
-"""LoRA with fixes held: the guard lifts its fixes around every adapter operation and re-applies what fits.
+"""Operations that change a guarded pipeline's modules: fixes lifted around each, re-applied where they fit.
 
-peft changes the model under a held fix: a targeted Linear becomes a LoRA layer holding the
-original as ``base_layer`` (new qualified names), ``unload`` swaps it back, ``delete_adapters``
-removes modules, and ``fuse_lora``/``unfuse_lora`` add or subtract the adapter's delta in the base
-weights. A fix recorded against the old structure then cannot revert (a float32 island's tensor
-names are gone), and a LoRA created inside an island is created in float32 and stays so. So every
-adapter operation runs with the fixes lifted, exactly as ``save_pretrained`` does::
+A fix is state in modules that diffusers, peft and torch also change. peft changes the model under
+a held fix: a targeted Linear becomes a LoRA layer holding the original as ``base_layer`` (new
+qualified names), ``unload`` swaps it back, ``delete_adapters`` removes modules, and
+``fuse_lora``/``unfuse_lora`` add or subtract the adapter's delta in the base weights. A dtype cast
+(``pipe.to(torch.float32)``, ``pipe.transformer.half()``, ``from_pipe(..., torch_dtype=...)``)
+converts a float32 island and leaves the guard's saved copies in the old dtype; fusing QKV
+projections (``fuse_qkv_projections``) adds Linears that no hook of a held fix knows. A fix recorded
+against the old modules then breaks the next call or cannot revert. So every such operation runs
+with the fixes lifted, exactly as ``save_pretrained`` does::
 
     plan = guard.plan(); guard.reset(); operation(); re-apply what still fits, drop the rest
+
+A component's own operation (``pipe.vae.to(torch.float32)``) lifts only the fixes on that component;
+a pipeline's (``pipe.to(...)``, ``pipe.load_lora_weights(...)``) lifts them all. Moving to a device
+without a dtype (what model offloading does at every forward) lifts nothing: fixes move with the
+modules' tensors.
 
 What still fits depends on what a fix's parameters mean:
 
@@ -24,17 +32,23 @@ What still fits depends on what a fix's parameters mean:
   adapter's delta unshifted, and its consumer's compensation would multiply that delta by ``2**k``.
 - A fix that measured degraded (beyond the guard's tolerance) is never re-applied: carried across
   the operation it would hold without any report saying so; the next call finds it and reports it.
+- A fix on a component whose dtype the operation changed is dropped: it was made and measured for
+  the old working dtype, and the new dtype is the user's new baseline (``reset()`` keeps it). If
+  the component overflows in the new dtype, the next call detects and fixes it there.
+
+A fix re-applied on the same module keeps the cost and error it measured when it was made.
 
 A fix that no longer fits is dropped with a warning on diffusers' logger; the next call detects the
 overflow again, if there still is one, and reports it. So ``reset()`` and ``save_pretrained()`` work
 after any sequence of adapter operations, and no image depends on a fix measured on other weights.
 
-Operations are watched at two levels: the pipeline's LoRA methods (``load_lora_weights``,
-``fuse_lora``, ...; a class decorator keeps their signatures) and each component's own adapter
-methods (``pipe.transformer.add_adapter``, ``load_lora_adapter``, ``unload_lora``; wrapped on the
-instance when a guard adopts the component). Nested operations lift once. Changing adapters with
-peft's own functions (``inject_adapter_in_model``, ``get_peft_model``) bypasses both: call
-``pipe.guard.reset()`` first.
+Operations are watched at two levels: the pipeline's methods (``load_lora_weights``, ``fuse_lora``,
+``fuse_qkv_projections``, ...; a class decorator keeps their signatures; ``to`` and ``from_pipe``
+in ``guarded``) and each component's own (``pipe.transformer.add_adapter``, ``load_lora_adapter``,
+``fuse_qkv_projections``, ``to``, ``half``, ...; wrapped on the instance when a guard adopts the
+component). Nested operations lift once. Changing modules behind both (peft's
+``inject_adapter_in_model``, ``set_tensor`` on a weight, casting a submodule) bypasses the guard:
+call ``pipe.guard.reset()`` first.
 """
 
 from __future__ import annotations
@@ -47,17 +61,21 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+import torch
 from diffusers.utils import logging
 from torch import nn
 
+from ..core.casting import module_dtype
 from ..core.plan import PlanEntry, PrecisionPlan
+from ..core.report import FixInForce
 
 logger = logging.get_logger(f"diffusers.{__name__}")
 
 # Strategies whose parameters say where the model runs differently, not what its weights are.
 STRUCTURAL_STRATEGIES = frozenset({"upcast", "residual", "clamp", "guidance"})
 
-# Pipeline methods that change adapters, and whether they change base weights.
+# Pipeline methods that change modules, and whether they change what weights compute (fusing QKV
+# projections moves the computation to new Linears: a weight-value fix no longer applies).
 PIPELINE_OPERATIONS: dict[str, bool] = {
     "load_lora_weights": False,
     "set_adapters": False,
@@ -67,9 +85,19 @@ PIPELINE_OPERATIONS: dict[str, bool] = {
     "delete_adapters": False,
     "fuse_lora": True,
     "unfuse_lora": True,
+    "fuse_qkv_projections": True,
+    "unfuse_qkv_projections": True,
 }
-# A component's own adapter methods (diffusers' and transformers' PeftAdapterMixin), likewise.
+# A component's own methods that change it (diffusers' and transformers' PeftAdapterMixin, fusion),
+# likewise; the casts (``CASTS``) only when they are given a dtype.
 COMPONENT_OPERATIONS: dict[str, bool] = {
+    "fuse_qkv_projections": True,
+    "unfuse_qkv_projections": True,
+    "to": False,
+    "half": False,
+    "float": False,
+    "bfloat16": False,
+    "double": False,
     "add_adapter": False,
     "load_lora_adapter": False,
     "load_adapter": False,
@@ -96,6 +124,16 @@ _ACTIVE: dict[int, _Lift] = {}
 _LAST_OUTCOMES: dict[int, tuple[weakref.ref[Any], list[Outcome]]] = {}
 
 PipelineClass = TypeVar("PipelineClass", bound=type)
+# Module methods that change a dtype only when given one (``to``), or always (the others).
+CASTS = frozenset({"to", "half", "float", "bfloat16", "double"})
+
+
+def casts_dtype(name: str, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether the call ``name(*args, **kwargs)`` of a module or pipeline may change a dtype."""
+    if name != "to":
+        return name in CASTS
+    given = [*args, kwargs.get("dtype"), kwargs.get("torch_dtype"), kwargs.get("tensor")]
+    return any(isinstance(value, torch.dtype | torch.Tensor) for value in given)
 
 
 def is_adapter_layer(module: nn.Module | None) -> bool:
@@ -137,7 +175,8 @@ def _pipeline_operation(cls: type, name: str, inherited: Callable, changes_weigh
 
 
 class _LiftingMethod:
-    """A component's adapter method, bound on the instance: the original, with the guards' fixes lifted."""
+    """A component's method, bound on the instance: the original, with the guards' fixes on the
+    component lifted (a cast only when it is given a dtype: offloading moves devices every forward)."""
 
     def __init__(self, function: Callable, changes_weights: bool) -> None:
         functools.update_wrapper(self, function)  # name, docstring and signature of the original
@@ -145,8 +184,12 @@ class _LiftingMethod:
         self.changes_weights = changes_weights
 
     def __call__(self, component: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        operation = f"{type(component).__name__}.{self.function.__name__}"
-        with lifted(_guards_of(component), operation, self.changes_weights):
+        name = self.function.__name__
+        guards = _guards_of(component)
+        if not guards or (name in CASTS and not casts_dtype(name, args, kwargs)):
+            return self.function(component, *args, **kwargs)
+        operation = f"{type(component).__name__}.{name}"
+        with lifted(guards, operation, self.changes_weights, only=component):
             return self.function(component, *args, **kwargs)
 
 
@@ -207,8 +250,11 @@ def _guards_of(component: nn.Module) -> list[Any]:
 
 
 @contextlib.contextmanager
-def lifted(guards: Iterable[Any], operation: str, changes_weights: bool) -> Iterator[None]:
-    """Run ``operation`` with every fix of ``guards`` lifted; afterwards re-apply what still fits.
+def lifted(
+    guards: Iterable[Any], operation: str, changes_weights: bool, only: nn.Module | None = None
+) -> Iterator[None]:
+    """Run ``operation`` with every fix of ``guards`` lifted (``only`` those on that component);
+    afterwards re-apply what still fits.
 
     The fixes are re-applied even when the operation raises. Inside a lift already in progress
     (a pipeline method calling a component's), only ``changes_weights`` is noted.
@@ -220,7 +266,7 @@ def lifted(guards: Iterable[Any], operation: str, changes_weights: bool) -> Iter
             if active is not None:
                 active.changes_weights |= changes_weights
                 continue
-            lift = _Lift.take(guard, operation, changes_weights)
+            lift = _Lift.take(guard, operation, changes_weights, only)
             _ACTIVE[id(guard)] = lift
             lifts.append(lift)
         yield
@@ -239,7 +285,7 @@ class _Held:
 
     entry: PlanEntry
     modules: dict[str, nn.Module | None]
-    error: float | None = None  # as measured when the fix was made; None: unmeasured (a plan's)
+    cost: FixInForce  # what it added and measured when it was made (error None: a plan's, unmeasured)
     degraded: bool = False
 
     @property
@@ -263,21 +309,28 @@ class _Lift:
     operation: str
     changes_weights: bool
     held: list[_Held]
+    dtypes: dict[str, torch.dtype | None]  # each lifted fix's component, once its fixes were reverted
     outcomes: list[Outcome] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def take(cls, guard: Any, operation: str, changes_weights: bool) -> _Lift:
-        """Record every held fix (plan entry and module objects), then revert them all."""
-        held = []
+    def take(cls, guard: Any, operation: str, changes_weights: bool, only: nn.Module | None = None) -> _Lift:
+        """Record every held fix (plan entry, module objects, cost), or those on the component
+        ``only``; then revert them."""
+        held, lifted_fixes = [], []
         if guard.fixes:
             entries, costs = guard.plan().entries, guard.in_force()
             for fix, entry, cost in zip(list(guard.fixes), entries, costs, strict=True):
+                if only is not None and _lookup(guard, fix.module_name.partition(".")[0]) is not only:
+                    continue
                 names = dict.fromkeys([fix.module_name, *getattr(fix, "changed_modules", ())])
                 modules = {name: _lookup(guard, name) for name in names}
                 degraded = cost.error is not None and not cost.error <= guard.options.tolerance
-                held.append(_Held(entry, modules, cost.error, degraded))
-            guard.reset()
-        return cls(guard, operation, changes_weights, held)
+                held.append(_Held(entry, modules, cost, degraded))
+                lifted_fixes.append(fix)
+            guard.revert(lifted_fixes)
+        components = {held_fix.entry.module.partition(".")[0] for held_fix in held}
+        dtypes = {name: _component_dtype(guard, name) for name in components}
+        return cls(guard, operation, changes_weights, held, dtypes)
 
     def restore(self) -> None:
         """Re-apply each lifted fix where it still fits, oldest first; log the ones dropped. Never raises."""
@@ -289,6 +342,8 @@ class _Lift:
                     held.entry.strategy, held.entry.module, None, f"{type(error).__name__}: {error}"
                 )
             self.outcomes.append(outcome)
+            if outcome.module == outcome.was and not self.changes_weights:  # what it measured holds
+                self.guard.restore_measured([held.cost])
             if outcome.module is None:
                 logger.warning(
                     "guarded_diffusers: %s dropped the %s fix on %s: %s. If it still overflows, the next "
@@ -316,9 +371,14 @@ class _Lift:
         entry = held.entry
         if held.degraded:
             reason = (
-                f"it measured degraded (relative error {held.error:.2g} against float32), and a fix carried "
-                "across the operation unmeasured would no longer be reported"
+                f"it measured degraded (relative error {held.cost.error:.2g} against float32), and a fix "
+                "carried across the operation unmeasured would no longer be reported"
             )
+            return Outcome(entry.strategy, entry.module, None, reason)
+        component = entry.module.partition(".")[0]
+        was, now = self.dtypes.get(component), _component_dtype(self.guard, component)
+        if now != was:
+            reason = f"{component} now computes in {now}, and the fix was made and measured in {was}"
             return Outcome(entry.strategy, entry.module, None, reason)
         if entry.strategy in STRUCTURAL_STRATEGIES:
             candidates, reason = self._structural_targets(held)
@@ -386,6 +446,11 @@ def _describe(module: nn.Module) -> str:
     if is_adapter_layer(module):
         return f"a LoRA layer ({cls.__module__}.{cls.__qualname__})"
     return f"a {cls.__qualname__}"
+
+
+def _component_dtype(guard: Any, component: str) -> torch.dtype | None:
+    module = _lookup(guard, component)
+    return module_dtype(module) if module is not None else None
 
 
 def _lookup(guard: Any, name: str) -> nn.Module | None:
