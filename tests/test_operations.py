@@ -14,7 +14,8 @@ import torch
 from conftest import all_finite, fill, hook_count, load, state_snapshot
 from diffusers import FluxFillPipeline
 
-from guarded_diffusers import GuardedFluxFillPipeline, guard, psnr
+from guarded_diffusers import GuardedFluxFillPipeline, guard, psnr, unguard
+from guarded_diffusers.testing import inject_overflow, tiny_flux_fill_pipeline
 
 ISLAND_SITE = "single_block_mlp"  # upcast holds a float32 island on single_transformer_blocks.0
 RESIDUAL_SITE = "double_block_ff_residual"  # residual carries the double block's stream in float32
@@ -185,3 +186,50 @@ def test_encode_prompt_in_isolation_drives_a_pipeline_without_text_encoders(save
     full.set_progress_bar_config(disable=True)
     image = fill(without, prompt=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
     np.testing.assert_allclose(image.images, fill(full, prompt="a cup").images, atol=1e-4)
+
+
+# -- what already held, kept so ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> tuple:
+    """A model overflowing in the transformer and in the VAE decoder: (folder, [module per site])."""
+    folder = tmp_path_factory.mktemp("two-sites")
+    pipe = tiny_flux_fill_pipeline(seed=0)
+    modules = [inject_overflow(pipe, site) for site in ("single_block_mlp", "vae_decoder")]
+    pipe.save_pretrained(folder)
+    return folder, modules
+
+
+@pytest.mark.parametrize("order", ["first-made first", "last-made first"])
+def test_two_guarded_pipelines_sharing_modules_with_different_fixes_reset_in_either_order(two_sites, order):
+    folder, _ = two_sites
+    first = load(
+        GuardedFluxFillPipeline,
+        folder,
+        torch.float16,
+        guard_strategies=["upcast"],
+        guard_max_extra_memory=0.2,
+    )
+    second = GuardedFluxFillPipeline.from_pipe(first, guard_strategies=["rescale"])
+    loaded = state_snapshot(first)
+    fill(first, output_type="latent")  # no decode: the first fixes the transformer only
+    second.transformer.to(torch.float16)  # an operation lifting both guards' fixes on the transformer
+    fill(second)
+    assert first.guard.fixes and second.guard.fixes
+    guards = [first.guard, second.guard] if order == "first-made first" else [second.guard, first.guard]
+    for each in guards:
+        each.reset()
+    assert state_snapshot(first) == loaded
+
+
+def test_unguard_leaves_no_hook_a_plain_call_does_not_leave(two_sites):
+    folder, _ = two_sites
+    plain = load(FluxFillPipeline, folder, torch.float32)
+    fill(plain)  # transformers hangs its own hooks on CLIP's layers at the first call
+    pipe = guard(load(FluxFillPipeline, folder, torch.float16), strategies=["upcast"], max_extra_memory=0.2)
+    fill(pipe)
+    pipe.to(torch.float16)
+    copy.deepcopy(pipe)
+    unguard(pipe)
+    assert hook_count(pipe) == hook_count(plain)
