@@ -50,3 +50,4 @@ bench: $(STAMP)
 	$(PY) bench/strategies.py
 	$(PY) bench/overhead.py
 	$(PY) bench/sdxl_vae.py
+	$(PY) bench/bake.py

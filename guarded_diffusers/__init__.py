@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .baking.run import BakeError, BakeResult, bake
     from .core.devices import resolve_device
     from .core.fidelity import as_displayed, psnr
     from .core.hookspecs import hookimpl
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "as_displayed": "core.fidelity",
     "Attempt": "core.report",
+    "bake": "baking.run",
+    "BakeError": "baking.run",
+    "BakeResult": "baking.run",
     "Declined": "core.recovery",
     "DegradedFixWarning": "core.report",
     "Fix": "core.recovery",
@@ -81,6 +85,8 @@ _EXPORTS = {
 
 __all__ = [
     "Attempt",
+    "BakeError",
+    "BakeResult",
     "Declined",
     "DegradedFixWarning",
     "Fix",
@@ -109,6 +115,7 @@ __all__ = [
     "PrecisionPlan",
     "RecoveryStrategy",
     "as_displayed",
+    "bake",
     "guard",
     "hookimpl",
     "pixel_multiple",

@@ -14,6 +14,12 @@ ALLOWED = {
     "guarded_diffusers.core": ("guarded_diffusers.core", "guarded_diffusers.strategies"),
     "guarded_diffusers.strategies": ("guarded_diffusers.core", "guarded_diffusers.strategies"),
     "guarded_diffusers.testing": ("guarded_diffusers.testing",),
+    # The bake sits beside the scan: it measures with core and reads the scan's headroom and plans.
+    "guarded_diffusers.baking": (
+        "guarded_diffusers.core",
+        "guarded_diffusers.scan",
+        "guarded_diffusers.baking",
+    ),
 }
 # What pytest_fluxguard may import from guarded_diffusers: the public names and the test models.
 PUBLIC = ("guarded_diffusers", "guarded_diffusers.testing")

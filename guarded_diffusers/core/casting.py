@@ -12,6 +12,7 @@ casting) are never converted: their layers are switched to float32 compute inste
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,6 +72,20 @@ def set_tensor_dtype(module: nn.Module, name: str, dtype: torch.dtype) -> None:
         owner._parameters[attr].data = owner._parameters[attr].data.to(dtype)
     else:
         owner._buffers[attr] = owner._buffers[attr].to(dtype)
+
+
+def cast_keeping_float32(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except the tensors transformers keeps in float32 when it loads at ``dtype``."""
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        keep += list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if not keep:
+        module.to(dtype=dtype)
+        return
+    kept = re.compile("|".join(pattern.replace("*", ".*") for pattern in keep))
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            set_tensor_dtype(module, name, torch.float32 if kept.search(name) else dtype)
 
 
 class Float32Island:

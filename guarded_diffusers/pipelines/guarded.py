@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, SupportsIndex
 
@@ -29,7 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from typing_extensions import Self
 
-from ..core.casting import module_dtype, set_tensor_dtype
+from ..core.casting import cast_keeping_float32, module_dtype
 from ..core.checks import validate_finite_inputs
 from ..core.gate import exclusive
 from ..core.guard import Guard
@@ -161,7 +160,7 @@ class GuardedPipeline:
             with lifted(pipeline_guards(new_pipeline), f"{cls.__name__}.from_pipe", changes_weights=False):
                 for component in new_pipeline.components.values():
                     if isinstance(component, nn.Module):
-                        _cast_keeping_float32(component, dtype)
+                        cast_keeping_float32(component, dtype)
         return new_pipeline._install_guard(*settings)
 
     def to(self, *args, **kwargs) -> Self:
@@ -402,17 +401,3 @@ def _encode_prompt_method(inherited: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return encode_prompt
-
-
-def _cast_keeping_float32(module: nn.Module, dtype: torch.dtype) -> None:
-    """``module.to(dtype)``, except the tensors transformers keeps in float32 when it loads at ``dtype``."""
-    keep = list(getattr(module, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
-    if dtype in (torch.float16, torch.bfloat16):
-        keep += list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
-    if not keep:
-        module.to(dtype=dtype)
-        return
-    kept = re.compile("|".join(pattern.replace("*", ".*") for pattern in keep))
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point():
-            set_tensor_dtype(module, name, torch.float32 if kept.search(name) else dtype)

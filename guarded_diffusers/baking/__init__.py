@@ -1,0 +1,1 @@
+"""Float16-safe weights: exact power-of-two rescales of scale-invariant cuts, baked in (docs/bake.md)."""

@@ -1,0 +1,152 @@
+"""``bake(pipe)``: calibrate, find cuts, choose k, apply, self-check; the weights change only if it passes.
+
+The steps, each in its own module: ``calibrate`` (float32 run, every stage traced), ``cuts``
+(scale classes merged over calls), ``choose`` (k per cut), ``apply`` (powers of two per tensor),
+``verify`` (float32 and float16 fidelity), ``remaining`` (what still overflows). ``write`` puts a
+passing bake into a folder plain diffusers loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..core.plan import PrecisionPlan
+from .apply import Scaling, scaling_for
+from .calibrate import Call, calibrate, run_images
+from .choose import HEADROOM_PEAK, Choice, choose
+from .remaining import Remaining, plan_for, recording, remaining
+from .verify import Checks, cast_copy, run_psnr, worst_psnr
+
+FORMAT = "guarded-diffusers/bake"
+VERSION = 1
+Progress = Callable[[str], None]
+# A failed self-check re-runs float32 with each scaled cut alone, for this many cuts at most.
+PER_CUT_SHOWN = 8
+
+
+class BakeError(Exception):
+    """The self-check failed: nothing was changed or written; ``result`` holds the figures."""
+
+    def __init__(self, message: str, result: BakeResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass
+class BakeResult:
+    """What a bake chose, changed and measured; ``to_dict()`` is the ``fluxguard-bake.json`` it writes."""
+
+    choices: list[Choice]
+    scaling: Scaling
+    checks: Checks
+    remaining: list[Remaining]
+    plan: PrecisionPlan
+    subnormals: dict[str, int]
+
+    @property
+    def scaled(self) -> list[Choice]:
+        return [choice for choice in self.choices if choice.k]
+
+    @property
+    def breaks(self) -> list[Choice]:
+        return [choice for choice in self.choices if choice.breaks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "headroom_peak": HEADROOM_PEAK,
+            "cuts": [choice.to_dict() for choice in self.choices if choice.k or choice.breaks],
+            "unscaled_cuts": sum(1 for choice in self.choices if not (choice.k or choice.breaks)),
+            "exponents": self.scaling.exponents,
+            "checks": self.checks.to_dict(),
+            "subnormals": self.subnormals,
+            "remaining": [item.to_dict() for item in self.remaining],
+        }
+
+
+def bake(
+    pipe: Any,
+    calls: Sequence[Call],
+    *,
+    headroom_peak: float = HEADROOM_PEAK,
+    check_float16: bool = True,
+    progress: Progress | None = None,
+) -> BakeResult:
+    """Make the float32 ``pipe``'s weights float16-safe in place, by exact powers of two; say what remains.
+
+    ``calls`` are pipeline keyword arguments (``seed`` seeds each call's generator), for instance
+    ``baking.samples.scan_calls(pipe)``, drawn like the scan's. Raises ``BakeError`` (``pipe``
+    unchanged) when the baked float32 pipeline is under 80 dB from the original or, with nothing
+    left overflowing, its float16 images are less faithful than the original's float16 or bfloat16.
+    """
+    say = progress or (lambda _: None)
+    narrow = [
+        name
+        for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+        and any(p.is_floating_point() and p.dtype != torch.float32 for p in component.parameters())
+    ]
+    if narrow:
+        raise ValueError(
+            f"bake() calibrates in float32, but {', '.join(narrow)} is not: "
+            "load the pipeline with dtype=torch.float32"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    calls = list(calls)
+    calibration = calibrate(pipe, calls, say)
+    reference = calibration.images
+    cuts, layers = calibration.finder.cuts()
+    choices = choose(cuts, headroom_peak)
+    scaling = scaling_for(pipe, [choice for choice in choices if choice.k], layers)
+    subnormals = scaling.subnormals()
+    halves = {}
+    if check_float16:
+        for dtype in (torch.float16, torch.bfloat16):
+            halves[dtype] = run_psnr(cast_copy(pipe, dtype), calls, reference)
+            say(f"original {str(dtype).removeprefix('torch.')} checked")
+    checks = Checks(baked_float32=0.0)
+    scans: list = []
+    scaling.apply()
+    try:
+        with recording(pipe, scans):
+            checks.baked_float32 = worst_psnr(run_images(pipe, calls), reference)
+        say("baked float32 checked")
+        if check_float16:
+            checks.original_float16 = halves[torch.float16]
+            checks.original_bfloat16 = halves[torch.bfloat16]
+            checks.baked_float16 = run_psnr(cast_copy(pipe, torch.float16), calls, reference)
+            say("baked float16 checked")
+    except BaseException:
+        scaling.apply(-1)
+        raise
+    left = remaining(scans[0])
+    result = BakeResult(
+        choices, scaling, checks, left, plan_for(scans[0]) if left else PrecisionPlan(), subnormals
+    )
+    problems = checks.problems(remaining=bool(left))
+    if len(result.scaled) > 1:
+        scaling.apply(-1)
+        checks.per_cut_float32 = _per_cut(pipe, result, layers, calls, reference)
+        scaling.apply()
+    if problems:
+        scaling.apply(-1)
+        raise BakeError("; ".join(problems), result)
+    return result
+
+
+def _per_cut(pipe: Any, result: BakeResult, layers: dict, calls: Sequence[Call], reference: list) -> dict:
+    """Float32 PSNR with each scaled cut alone (the ``PER_CUT_SHOWN`` largest k): which cut the eps costs."""
+    figures = {}
+    for choice in sorted(result.scaled, key=lambda choice: -choice.k)[:PER_CUT_SHOWN]:
+        alone = scaling_for(pipe, [choice], layers)
+        alone.apply()
+        try:
+            figures[choice.cut.name] = worst_psnr(run_images(pipe, calls), reference)
+        finally:
+            alone.apply(-1)
+    return figures
