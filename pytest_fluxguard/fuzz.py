@@ -22,13 +22,13 @@ from .artifacts import folder_for, save_failure
 from .budget import BudgetSpent, ShrinkBudget
 from .calls import call_shape
 from .checks import GuardedCheck, RawCheck
-from .clock import still_clock
 from .failures import ExampleFailed, FluxGuardFailure
 from .inputs import FillInputs
 from .options import FluxGuardOptions
 from .pipelines import LoRAUnavailable, PipelineCache
 from .profile import fluxguard_settings
 from .quiet import quiet_libraries
+from .reproducible import reproducible_search
 from .search import item_max_guidance, item_strategy, target_peaks
 from .summary import ItemStats
 from .target import Target
@@ -85,7 +85,7 @@ def _run_item(
     settings = fluxguard_settings(item.config.rootpath, options.examples, verbosity=Verbosity.quiet)
     test = given(example=strategy)(settings(run_example))
     try:
-        with still_clock():
+        with reproducible_search():
             test()
     except BudgetSpent:
         failures = budget.smallest()

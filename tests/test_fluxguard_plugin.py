@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import re
 import shutil
@@ -740,12 +741,14 @@ def _two_module_report(run: Callable[..., Any], folder: Path) -> str:
     return "\n".join(line for line in section if not line.strip().endswith(".png"))
 
 
-def test_the_same_seed_gives_the_same_shrunk_failures_whatever_the_machine_speed(
-    pytester, two_modules, keeps_hypothesis_seed, monkeypatch
+def test_the_same_seed_gives_the_same_shrunk_failures_whatever_the_machine_speed_and_process(
+    pytester, two_modules, tmp_path_factory, keeps_hypothesis_seed, monkeypatch
 ):
-    """Two failures, each shrunk: once, again in the same process on a clock that runs 1000 times
+    """Two failures, each shrunk: once; again in the same process on a clock that runs 1000 times
     faster (a machine or model that much slower: hypothesis stops looking for more failures after
-    10 seconds, and shrinking after 300), and once in a fresh process. The reports are identical.
+    10 seconds, and shrinking after 300); again after importing one more local module (hypothesis
+    draws literals from the local modules a process has imported); and once in a fresh process.
+    The reports are identical.
     """
     folder = two_modules[0]
     first = _two_module_report(pytester.runpytest, folder)
@@ -757,6 +760,12 @@ def test_the_same_seed_gives_the_same_shrunk_failures_whatever_the_machine_speed
             patch.setattr(time, name, lambda real=real, start=start: start + 1000 * (real() - start))
         slow = _two_module_report(pytester.runpytest, folder)
     assert slow == first
+    literals = tmp_path_factory.mktemp("local-code")
+    lines = [f"WORD_{n} = ({'x' * n!r}, {n}, {n * 37}, {n / 200})" for n in range(1, 200)]
+    (literals / "many_literals.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(literals)
+    importlib.import_module("many_literals")
+    assert _two_module_report(pytester.runpytest, folder) == first
     assert _two_module_report(pytester.runpytest_subprocess, folder) == first
 
 
