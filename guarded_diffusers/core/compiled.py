@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - torch without dynamo
 
 # The stage check: (module, args, kwargs, output) -> a replacement output, or None to keep it.
 StageCheck = Callable[[nn.Module, tuple, dict, Any], Any]
+# What runs before every call, with the inputs the call is about to get: (module, args, kwargs).
+BeforeCall = Callable[[nn.Module, tuple, dict], None]
 
 
 def compiled_call(module: nn.Module) -> Any:
@@ -56,10 +58,11 @@ def eager_call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
 class _CompiledCallWatch:
     """Wraps an in-place compiled module's ``_compiled_call_impl`` with the check; ``remove()`` undoes it."""
 
-    def __init__(self, module: nn.Module, check: StageCheck) -> None:
+    def __init__(self, module: nn.Module, check: StageCheck, before: BeforeCall) -> None:
         self.module, self.compiled = module, module._compiled_call_impl
 
         def checked(*args: Any, **kwargs: Any) -> Any:
+            before(module, args, kwargs)
             output = self.compiled(*args, **kwargs)
             replaced = check(module, args, kwargs, output)
             return output if replaced is None else replaced
@@ -70,9 +73,22 @@ class _CompiledCallWatch:
         self.module._compiled_call_impl = self.compiled
 
 
-def watch_calls(module: nn.Module, check: StageCheck) -> Any:
-    """Run ``check`` after every call of ``module``, outside any compiled code; returns a handle."""
+class _Handles:
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+
+
+def watch_calls(module: nn.Module, check: StageCheck, before: BeforeCall) -> Any:
+    """Run ``before`` and ``check`` around every call of ``module``, outside any compiled code;
+    returns a handle."""
     if compiled_call(module) is not None:
-        return _CompiledCallWatch(module, check)
+        return _CompiledCallWatch(module, check, before)
     # An OptimizedModule runs its own forward hooks eagerly, around the compiled forward.
-    return module.register_forward_hook(check, with_kwargs=True)
+    return _Handles(
+        module.register_forward_pre_hook(before, with_kwargs=True),
+        module.register_forward_hook(check, with_kwargs=True),
+    )

@@ -34,6 +34,7 @@ from .plan import PlanEntry, PrecisionPlan
 from .plan_apply import PlanSource, apply_entries, as_plan, check_size, pending_entries
 from .plugins import plugin_manager, registered_strategies
 from .recovery import Fix, RecoveryStrategy
+from .replay import ArgumentState
 from .report import DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
 from .settle import Settler, StageCall, error_text, shape_of
 from .stages import SCHEDULER_STAGE, Stage, discover_stages, resolve_component, stage_components
@@ -187,7 +188,7 @@ class Guard:
                 admit(module)
                 watch = StreamWatch(self._residual_blocks(module), lambda call=call: current_call() is call)
                 handles += watch.install()
-                handles.append(watch_calls(module, self._stage_hook(stage, watch, call)))
+                handles.append(watch_calls(module, *self._stage_hooks(stage, watch, call)))
         try:
             with entering(call):
                 yield call.report
@@ -244,7 +245,16 @@ class Guard:
             raise RuntimeError("guarded_diffusers: the guard was asked about a call it is not watching.")
         return call
 
-    def _stage_hook(self, stage: Stage, watch: StreamWatch, call: _Call) -> Callable[..., Any]:
+    def _stage_hooks(
+        self, stage: Stage, watch: StreamWatch, call: _Call
+    ) -> tuple[Callable[..., Any], Callable[..., None]]:
+        """The check after each call of the stage, and what records its inputs' containers before it."""
+        before_call = [ArgumentState()]  # the containers' contents as the last call started
+
+        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if current_call() is call and not call.recovering:
+                before_call[0] = ArgumentState.take(args, kwargs)
+
         def after_forward(module: nn.Module, args: tuple, *kwargs_and_output: Any) -> Any:
             # (kwargs, output), or (output,) from a thread that saw the hook half-registered
             if current_call() is not call or call.recovering:
@@ -255,12 +265,20 @@ class Guard:
             if stage_verdict(output, watch.take()) is None:
                 return None
             stage_call = StageCall(
-                stage.name, stage.component, step, module, args, kwargs, shape_of(output), watch
+                stage.name,
+                stage.component,
+                step,
+                module,
+                args,
+                kwargs,
+                shape_of(output),
+                watch,
+                before_call[0],
             )
             with exclusive():  # no other thread's forward runs while the model is diagnosed and fixed
                 return self._recover(stage_call)
 
-        return after_forward
+        return after_forward, before_forward
 
     def _recover(self, call: StageCall) -> Any:
         """Locate, fix and recompute until the stage's output is clean; raise if it cannot be."""
@@ -296,6 +314,7 @@ class Guard:
 
     def _locate(self, call: StageCall) -> Location:
         try:
+            call.arguments.restore()
             location = locate_first_overflow(
                 call.module, call.component_name, call.args, call.kwargs, call.watch.blocks
             )

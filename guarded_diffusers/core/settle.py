@@ -27,6 +27,7 @@ from .locate import Location
 from .measure import Captured, Measurement, capturing, measure
 from .options import GuardOptions
 from .recovery import Declined, Fix, ModuleLookup, RecoveryStrategy
+from .replay import ArgumentState
 from .report import Attempt, FixInForce, Incident, NonFiniteError
 from .state import StructureSnapshot
 from .stream import StreamWatch, stage_verdict
@@ -60,6 +61,8 @@ class StageCall:
     kwargs: dict
     output_shape: tuple[Any, list[Any]]
     watch: StreamWatch
+    # The contents of the lists and dicts among the inputs before the call: each re-run starts from them.
+    arguments: ArgumentState
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,6 +164,7 @@ class Settler:
         call.watch.take()  # block peaks from the strategy's own trial runs are not the recompute's
         with capturing(location.calls) as captured:
             try:
+                call.arguments.restore()
                 output = eager_call(call.module, call.args, call.kwargs)  # hooks fire, as eager does
             except Exception as error:
                 self._reject(fix, attempt, snapshot, "raised", f"the recompute raised {error_text(error)}")

@@ -7,13 +7,15 @@ tokenizers made in memory. Save the result with ``save_pretrained()`` and load i
 - ``flux_fill``: the Flux Fill pipeline and its injection sites (``INJECTION_SITES``, the
   residual-stream ``RESIDUAL_SITES``), ``sample_inputs``;
 - ``triggers``: overflows only some inputs reach (tokens, mask coverage, image saturation);
-- ``builders``: Flux text-to-image, Kontext, SD3, SDXL and SD 1.5 built from the Fill one's parts;
+- ``builders``: Flux text-to-image, Kontext, SD3, SDXL and SD 1.5 built from the Fill one's parts,
+  and QwenImage with its own VAE, Qwen2.5-VL text encoder and in-memory Qwen2 tokenizer;
 - ``families``: every family with its sites and the arguments of one call (``FAMILIES``).
 """
 
 from .builders import (
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
+    tiny_qwen_image_pipeline,
     tiny_sd3_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
@@ -64,6 +66,7 @@ __all__ = [
     "tiny_flux_fill_pipeline",
     "tiny_flux_kontext_pipeline",
     "tiny_flux_pipeline",
+    "tiny_qwen_image_pipeline",
     "tiny_sd3_pipeline",
     "tiny_sd15_pipeline",
     "tiny_sdxl_pipeline",

@@ -3,16 +3,19 @@
 Each builder first draws the tiny Flux Fill pipeline from ``seed`` and keeps its offline tokenizers,
 text encoders and VAE configuration, so every family shares the sizes of ``spec`` and needs no file
 or network; what a family has beyond them (its denoiser, a CLIP with projection, its scheduler) is
-drawn from the same random stream right after. All of them are float32: inject, save, then load
-in the dtype under test.
+drawn from the same random stream right after. QwenImage shares no component with Fill: its causal
+3D VAE, Qwen2.5-VL text encoder and Qwen2 tokenizer are made from ``spec``'s sizes alone. All of them
+are float32: inject, save, then load in the dtype under test.
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxFillPipeline,
@@ -20,19 +23,29 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextModelWithProjection, T5EncoderModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    T5EncoderModel,
+)
 
-from .flux_fill import TINY, TinySpec, tiny_flux_fill_pipeline
+from .flux_fill import TINY, TinySpec, _rope_axes, tiny_flux_fill_pipeline
 
 __all__ = [
     "tiny_flux_kontext_pipeline",
     "tiny_flux_pipeline",
+    "tiny_qwen_image_pipeline",
     "tiny_sd3_pipeline",
     "tiny_sd15_pipeline",
     "tiny_sdxl_pipeline",
@@ -46,6 +59,23 @@ _SDXL_TIME_IDS = 6
 _SDXL_TIME_EMBED_DIM = 8
 # The noise schedule both Stable Diffusion UNet families were trained with.
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+# Qwen2.5-VL's chat and vision tokens: QwenImagePipeline's prompt template is a chat turn.
+_QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Qwen2.5-VL's config names for its vision markers, and the markers.
+_QWEN_VISION_MARKERS = {
+    "vision_start": "vision_start",
+    "vision_end": "vision_end",
+    "image": "image_pad",
+    "video": "video_pad",
+}
 
 
 def _flux_parts(seed: int, spec: TinySpec) -> dict[str, object]:
@@ -196,3 +226,107 @@ def tiny_sd15_pipeline(seed: int = 0, spec: TinySpec = TINY) -> StableDiffusionP
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _qwen_tokenizer(template: str) -> Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer whose merges make every word of ``template`` one token.
+
+    Every byte is a token, so any prompt round-trips; the merges grow each word of the template from
+    its first byte, so the template's system turn is as many tokens as with Qwen's own vocabulary
+    (the 34 ``QwenImagePipeline`` drops). The chat and vision markers are special tokens.
+    """
+    alphabet = sorted(ByteLevel.alphabet())
+    bytes_only = Qwen2Tokenizer(vocab={symbol: index for index, symbol in enumerate(alphabet)}, merges=[])
+    pre_tokenize = bytes_only.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    text = template
+    for token in _QWEN_SPECIAL_TOKENS:
+        text = text.replace(token, "\n")
+    words = [word for word, _ in pre_tokenize(text)]
+    merges = list(
+        dict.fromkeys((word[: end - 1], word[end - 1]) for word in words for end in range(2, len(word) + 1))
+    )
+    vocab = {
+        symbol: index for index, symbol in enumerate(dict.fromkeys([*alphabet, *(a + b for a, b in merges)]))
+    }
+    vocab.update({token: len(vocab) + index for index, token in enumerate(_QWEN_SPECIAL_TOKENS)})
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        extra_special_tokens=list(_QWEN_SPECIAL_TOKENS[1:]),
+        model_max_length=32768,
+    )
+
+
+def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, spec: TinySpec) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL with ``spec``'s text sizes; its vision tower (never run for a text prompt) as small."""
+    width = spec.inner_dim
+    half_head = spec.attention_head_dim // 2
+    # Multimodal rotary sections (time, height, width) of half a head, in Qwen2.5-VL's 1:1.5:1.5 ratio.
+    mrope_section = [half_head - 2 * (3 * half_head // 8), 3 * half_head // 8, 3 * half_head // 8]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.num_attention_heads,
+            "num_key_value_heads": spec.num_attention_heads,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": spec.text_layers,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_heads": spec.num_attention_heads,
+            "out_hidden_size": width,
+            "fullatt_block_indexes": [spec.text_layers - 1],
+        },
+        **{
+            f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{marker}|>")
+            for name, marker in _QWEN_VISION_MARKERS.items()
+        },
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_pipeline(seed: int = 0, spec: TinySpec = TINY) -> QwenImagePipeline:
+    """A float32 QwenImage pipeline with random weights drawn from ``seed``.
+
+    Qwen's VAE is the causal 3D one of Wan, sized like Fill's (``spec.vae_channels``, one latent frame
+    per image); its transformer's double-stream blocks read the text encoder's last hidden states.
+    """
+    torch.manual_seed(seed)
+    base = spec.vae_channels[0]
+    vae = AutoencoderKLQwenImage(
+        base_dim=base,
+        z_dim=spec.latent_channels,
+        dim_mult=[channels // base for channels in spec.vae_channels],
+        num_res_blocks=1,
+        temperal_downsample=[False] * (len(spec.vae_channels) - 1),
+        latents_mean=[0.0] * spec.latent_channels,
+        latents_std=[1.0] * spec.latent_channels,
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * spec.latent_channels,
+        out_channels=spec.latent_channels,
+        num_layers=spec.num_layers,
+        attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads,
+        joint_attention_dim=spec.inner_dim,
+        axes_dims_rope=_rope_axes(spec.attention_head_dim),
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer.eval(),
+    )
+    tokenizer = _qwen_tokenizer(pipe.prompt_template_encode)
+    pipe.register_modules(text_encoder=_qwen_text_encoder(tokenizer, spec), tokenizer=tokenizer)
+    return pipe

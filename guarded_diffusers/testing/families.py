@@ -2,7 +2,8 @@
 
 A site name means the same module wherever it appears: the other Flux families and SD3 share the
 Fill sites whose modules they have (SD3's joint blocks have the Flux double blocks' feed-forwards;
-every family has an AutoencoderKL decoder), and the UNet families add a site in the UNet's middle
+every family has a VAE decoder with the same path, QwenImage's causal 3D one too), QwenImage adds
+its double-stream block's image feed-forward, and the UNet families add a site in the UNet's middle
 cross-attention block, where a UNet's activations are largest. Flux Fill keeps its residual-stream
 sites too, two of which float16 clips silently instead of going non-finite (``SILENTLY_CLIPPED_SITES``).
 """
@@ -20,6 +21,7 @@ from diffusers import DiffusionPipeline
 from .builders import (
     tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
+    tiny_qwen_image_pipeline,
     tiny_sd3_pipeline,
     tiny_sd15_pipeline,
     tiny_sdxl_pipeline,
@@ -46,6 +48,16 @@ def _unet_mid_feed_forward(pipe: Any, block: int) -> str:
     feed_forward = pipe.unet.mid_block.attentions[0].transformer_blocks[block].ff
     _amplify_channels(feed_forward.net[0].proj, feed_forward.net[2])
     return f"unet.mid_block.attentions.0.transformer_blocks.{block}.ff.net.0.proj"
+
+
+def _qwen_image_feed_forward(pipe: Any, block: int) -> str:
+    """Amplify the GELU projection of a Qwen double-stream block's image feed-forward.
+
+    Not the text one: the last block's text stream is read by no one (as in SD3's last joint block).
+    """
+    feed_forward = pipe.transformer.transformer_blocks[block].img_mlp
+    _amplify_channels(feed_forward.net[0].proj, feed_forward.net[2])
+    return f"transformer.transformer_blocks.{block}.img_mlp.net.0.proj"
 
 
 def _fill_sites(*names: str) -> dict[str, Injector]:
@@ -130,6 +142,12 @@ FAMILIES: dict[str, Family] = {
         tiny_sd3_pipeline,
         _fill_sites("double_block_ff", "double_block_ff_context", "vae_decoder"),
         _t5_inputs,
+    ),
+    # Qwen's default call: no guidance_scale (its transformer embeds none), no true CFG.
+    "qwen": Family(
+        tiny_qwen_image_pipeline,
+        {"img_mlp": _qwen_image_feed_forward, **_fill_sites("vae_decoder")},
+        _text_inputs,
     ),
     "sdxl": Family(tiny_sdxl_pipeline, _UNET_SITES, _text_inputs),
     "sd15": Family(tiny_sd15_pipeline, _UNET_SITES, _text_inputs),
