@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .baking.lora import bake_lora
     from .baking.run import BakeError, BakeResult, bake
     from .core.devices import resolve_device
     from .core.fidelity import as_displayed, psnr
@@ -47,6 +48,7 @@ _EXPORTS = {
     "bake": "baking.run",
     "BakeError": "baking.run",
     "BakeResult": "baking.run",
+    "bake_lora": "baking.lora",
     "Declined": "core.recovery",
     "DegradedFixWarning": "core.report",
     "Fix": "core.recovery",
@@ -116,6 +118,7 @@ __all__ = [
     "RecoveryStrategy",
     "as_displayed",
     "bake",
+    "bake_lora",
     "guard",
     "hookimpl",
     "pixel_multiple",

@@ -6,7 +6,8 @@ Kontext, inpainting), the folder's pipeline class deciding the inputs.
 ``fluxguard scan`` runs generated inputs through a model in float32, records every module's
 largest output and input, and says which modules run close to the working dtype's limit, with a
 precision plan that fixes them before the first step. ``fluxguard bake`` writes a float16-safe copy
-of a pipeline folder, exact power-of-two rescales baked into its weights.
+of a pipeline folder, exact power-of-two rescales baked into its weights; ``fluxguard bake-lora``
+scales a LoRA trained on the original weights to match.
 ``python -m guarded_diffusers.cli`` is the same command; ``accelerate launch -m guarded_diffusers.cli
 scan ...`` splits a scan across processes.
 Each subcommand's module is imported only when it runs, so ``fill`` never loads accelerate.
@@ -94,6 +95,22 @@ examples:
   fluxguard bake ./flux-fill ./flux-fill-fp16safe --variant fp16 --allow-remaining --plan
 """
 
+BAKE_LORA_HELP = """\
+Scale a LoRA trained on the original weights for a baked folder (fluxguard bake).
+
+A baked layer's weight is the original times a power of two (OUT/fluxguard-bake.json); a LoRA on
+it needs the same factor: each B matrix (and LoRA bias) of a scaled layer takes it, every other
+tensor is copied as is, so the baked LoRA on the baked folder computes what the LoRA did on the
+original (powers of two are exact in float32). LORA is a .safetensors file or a folder holding
+pytorch_lora_weights.safetensors, in any format the pipeline's load_lora_weights reads; the output
+is in diffusers' format, for load_lora_weights. A key whose layer the baked model lacks is an error.
+The guarded pipelines do this by themselves when loaded from a baked folder.
+
+examples:
+  fluxguard bake-lora ./my-lora --like ./flux-fill-fp16safe -o ./my-lora-fp16safe
+  fluxguard bake-lora style.safetensors --like ./flux-fill-fp16safe --variant fp16 -o style-fp16.safetensors
+"""
+
 
 class _Exit(Exception):
     def __init__(self, status: int) -> None:
@@ -167,7 +184,9 @@ def _subcommand(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fluxguard", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fill,generate,scan,bake}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{fill,generate,scan,bake,bake-lora}"
+    )
 
     fill = _subcommand(commands, "fill", FILL_HELP)
     fill.add_argument(
@@ -307,6 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=DEVICES, default="auto", help="where to calibrate; auto picks cuda if present"
     )
     bake.set_defaults(run="bake")
+
+    bake_lora = _subcommand(commands, "bake-lora", BAKE_LORA_HELP)
+    bake_lora.add_argument(
+        "lora", type=Path, metavar="LORA", help="LoRA .safetensors file, or a folder holding one"
+    )
+    bake_lora.add_argument(
+        "--like", type=Path, required=True, metavar="OUT", help="the baked pipeline folder the LoRA is for"
+    )
+    bake_lora.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT_LORA",
+        help="a .safetensors file to write, or a folder for pytorch_lora_weights.safetensors",
+    )
+    bake_lora.add_argument("--overwrite", action="store_true", help="replace OUT_LORA if it exists")
+    bake_lora.add_argument(
+        "--variant", choices=("fp16",), help="the LoRA is for from_pretrained(OUT, variant=...)"
+    )
+    bake_lora.set_defaults(run="bake-lora")
     return parser
 
 
@@ -329,6 +369,8 @@ def _run(args: argparse.Namespace) -> int:
             from .generate import run_generate as run
         elif args.run == "bake":
             from .bake import run_bake_command as run
+        elif args.run == "bake-lora":
+            from .bake_lora import run_bake_lora_command as run
         else:
             from .scan import run_scan_command as run
     return run(args)

@@ -37,6 +37,7 @@ from ..core.plan import PrecisionPlan
 from ..core.plugins import registered_strategies, resolve_strategies
 from ..core.report import FixInForce
 from ..core.stages import SCHEDULER_STAGE
+from .baked_lora import mark_baked, scales_baked_lora
 from .call_checks import check_dtype_arguments, validate_call_arguments
 from .operations import adopt_components, casts_dtype, lifted, lifts_fixes_around_lora, pipeline_guards
 from .outputs import with_report
@@ -87,6 +88,7 @@ class GuardedPipeline:
         if callable(getattr(base, "encode_prompt", None)) and "encode_prompt" not in cls.__dict__:
             cls.encode_prompt = _encode_prompt_method(base.encode_prompt)  # type: ignore[attr-defined]
         lifts_fixes_around_lora(cls)  # load_lora_weights, fuse_lora, ...: fixes lifted around each
+        scales_baked_lora(cls)  # from a baked folder, load_lora_weights scales the LoRA
 
     @functools.cached_property
     def guard(self) -> Guard:
@@ -124,6 +126,7 @@ class GuardedPipeline:
             guard_strategies, guard_plan, guard_fidelity, guard_tolerance, guard_max_extra_memory
         )
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # type: ignore[misc]
+        mark_baked(pipeline, pretrained_model_name_or_path, kwargs)
         return pipeline._install_guard(*settings)
 
     @classmethod
@@ -370,8 +373,8 @@ def _guarded_call_method(base: type, signature: inspect.Signature) -> Callable[.
     def __call__(self: GuardedPipeline, *args: Any, **kwargs: Any) -> Any:
         return self._guarded_call(*args, **kwargs)
 
+    functools.update_wrapper(__call__, base.__call__)  # getsource, get_type_hints see the parent's
     __call__.__signature__ = signature  # type: ignore[attr-defined]
-    __call__.__doc__ = base.__call__.__doc__
     return __call__
 
 
