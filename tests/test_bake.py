@@ -11,6 +11,8 @@ import contextlib
 import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -434,3 +436,22 @@ def test_a_failing_self_check_changes_nothing():
     with pytest.raises(BakeError, match=r"baked float32 is .* dB from the original, under 80"):
         bake(pipe, [CALL], headroom_peak=2.0**-8, check_float16=False)
     assert state_snapshot(pipe) == before
+
+
+def test_a_fresh_process_with_diffusers_alone_runs_the_baked_folder_in_float16(baked: Any):
+    """The users the bake is for never import this project: plain diffusers in a new process."""
+    _, out, _, _ = baked("vae_decoder")
+    probe = (
+        "import sys, numpy, torch\n"
+        "from PIL import Image\n"
+        "from diffusers import FluxFillPipeline\n"
+        f"pipe = FluxFillPipeline.from_pretrained({str(out)!r}, torch_dtype=torch.float16)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "image = Image.new('RGB', (32, 32), (200, 120, 40))\n"
+        "mask = Image.new('L', (32, 32), 255)\n"
+        "pixels = pipe(prompt='a cup', image=image, mask_image=mask, height=32, width=32,\n"
+        "              num_inference_steps=2, max_sequence_length=32, output_type='np').images\n"
+        "print(bool(numpy.isfinite(pixels).all()), [m for m in sys.modules if m.startswith('guarded')])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "True []", result.stderr[-2000:]
