@@ -196,18 +196,13 @@ class GuardedPipeline:
         with _plain_state(self, "pickle") as (state, settings):
             if settings is not None and settings.plan.entries:
                 state = copy.deepcopy(state)
-        if settings is not None:
-            settings = dataclasses.replace(settings, strategies=[s.name for s in settings.strategies])
         return (_unpickled, (self.guarded_base, state, settings))
 
     def _restore_guard(self, settings: _GuardSettings | None) -> Self:
         """Give a copied pipeline its own guard and the fixes the original held."""
         if settings is None:
             return self
-        strategies = settings.strategies
-        if strategies and isinstance(strategies[0], str):
-            strategies = resolve_strategies(strategies)
-        self._install_guard(list(strategies), settings.plan, settings.options)
+        self._install_guard(resolve_strategies(settings.strategies), settings.plan, settings.options)
         self.guard.restore_measured(settings.measured)
         return self
 
@@ -299,7 +294,7 @@ class GuardedPipeline:
 class _GuardSettings:
     """What a copy of a guarded pipeline needs to guard itself as the original was guarded."""
 
-    strategies: list[Any]  # strategy objects, or their names once pickled
+    strategies: list[str]  # by name: the registry resolves them in this process or the unpickling one
     options: GuardOptions
     plan: PrecisionPlan
     measured: list[FixInForce]
@@ -314,7 +309,8 @@ def _plain_state(
     guard = pipeline.__dict__.get("guard")
     settings = None
     if guard is not None:
-        settings = _GuardSettings(list(guard.strategies), guard.options, guard.plan(), guard.in_force())
+        names = [strategy.name for strategy in guard.strategies]
+        settings = _GuardSettings(names, guard.options, guard.plan(), guard.in_force())
     with exclusive(), lifted(pipeline_guards(pipeline), operation, changes_weights=False):
         yield {name: value for name, value in pipeline.__dict__.items() if name != "guard"}, settings
 
