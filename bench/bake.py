@@ -50,6 +50,10 @@ SITES = (
     "single_block_proj_out",
     "single_block_residual",
     "double_block_ff_residual",
+    # held out: added after the bake was built, which was not changed for them
+    "double_block_massive_channel",
+    "double_block_stream_growth",
+    "single_block_stream_growth",
     "vae_decoder",
     "vae_encoder",
     "double_block_ff",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from diffusers import FluxFillPipeline
 from guarded_diffusers.core.fidelity import psnr
 from guarded_diffusers.testing import (
     INJECTION_SITES,
+    LASTING_STREAM_SITES,
     RESIDUAL_SITES,
     SILENTLY_CLIPPED_SITES,
     TINY,
@@ -205,3 +207,42 @@ def test_residual_site_float32_image_still_follows_the_input(float32_responses, 
 def test_single_block_residual_site_needs_a_next_block_to_cancel_it():
     with pytest.raises(ValueError, match="next single block"):
         inject_overflow(tiny_flux_fill_pipeline(), "single_block_residual", block=TINY.num_single_layers - 1)
+
+
+# Lasting stream sites: the stream passes float16 in float32 and stays there to the output norm.
+_LASTING_PEAK = (_FLOAT16_MAX, 2.0**17)
+_LASTING_CLIPPED = {"single_block_stream_growth"}
+
+
+def _norm_out_input_peak(pipe) -> list[float]:
+    peaks: list[float] = []
+    pipe.transformer.norm_out.register_forward_pre_hook(
+        lambda module, args: peaks.append(args[0].float().abs().max().item())
+    )
+    return peaks
+
+
+@pytest.mark.parametrize("site", sorted(LASTING_STREAM_SITES))
+def test_lasting_stream_site_stays_past_float16_until_the_output_norm(saved_model, reference_images, site):
+    folder, module = saved_model(site)
+    pipe = tiny_flux_fill_pipeline()
+    assert inject_overflow(pipe, site) == module
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        for name, weight in getattr(pipe, component).named_parameters():
+            assert weight.abs().max() <= _REALISTIC_WEIGHT, f"{component}.{name}"
+    runs = {}
+    for dtype in DTYPES:
+        plain = load(FluxFillPipeline, folder, dtype)
+        peaks = _norm_out_input_peak(plain)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # float16's NaN cast
+            runs[dtype] = fill(plain).images, max(peaks)
+    (reference, stream), (bfloat16, _), (float16, half_stream) = (runs[dtype] for dtype in DTYPES)
+    # Nothing cancels it: norm_out reads a stream past float16's range, in float32 finite.
+    assert _LASTING_PEAK[0] < stream < _LASTING_PEAK[1] and all_finite(bfloat16)
+    if site in _LASTING_CLIPPED:  # diffusers clips the single blocks' output: finite and wrong
+        assert half_stream == _FLOAT16_MAX and all_finite(float16)
+        clean = fill(load(FluxFillPipeline, saved_model()[0], torch.float16)).images
+        assert psnr(float16, reference) < psnr(clean, reference_images()[0]) - _CLIPPING_COST
+    else:
+        assert not all_finite(float16)

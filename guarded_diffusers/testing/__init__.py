@@ -5,7 +5,8 @@ tokenizers made in memory. Save the result with ``save_pretrained()`` and load i
 ``from_pretrained()`` to exercise the path users take.
 
 - ``flux_fill``: the Flux Fill pipeline and its injection sites (``INJECTION_SITES``, the
-  residual-stream ``RESIDUAL_SITES``), ``sample_inputs``;
+  residual-stream ``RESIDUAL_SITES`` and
+  ``LASTING_STREAM_SITES``), ``sample_inputs``;
 - ``triggers``: overflows only some inputs reach (tokens, mask coverage, image saturation);
 - ``builders``: Flux text-to-image, Kontext, SD3, SDXL and SD 1.5 built from the Fill one's parts,
   and QwenImage with its own VAE, Qwen2.5-VL text encoder and in-memory Qwen2 tokenizer;
@@ -23,6 +24,7 @@ from .builders import (
 from .families import FAMILIES, Family
 from .flux_fill import (
     INJECTION_SITES,
+    LASTING_STREAM_SITES,
     MID,
     RESIDUAL_SITES,
     SILENTLY_CLIPPED_SITES,
@@ -47,6 +49,7 @@ from .triggers import (
 __all__ = [
     "FAMILIES",
     "INJECTION_SITES",
+    "LASTING_STREAM_SITES",
     "MID",
     "RESIDUAL_SITES",
     "SILENTLY_CLIPPED_SITES",

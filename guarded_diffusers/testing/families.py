@@ -28,6 +28,7 @@ from .builders import (
 )
 from .flux_fill import (
     INJECTION_SITES,
+    LASTING_STREAM_SITES,
     RESIDUAL_SITES,
     TINY,
     TinySpec,
@@ -132,7 +133,11 @@ _FLUX_SITES = (
 _UNET_SITES = {"unet_mid_ff": _unet_mid_feed_forward, **_fill_sites("clip_mlp", "vae_decoder")}
 
 FAMILIES: dict[str, Family] = {
-    "flux_fill": Family(tiny_flux_fill_pipeline, {**INJECTION_SITES, **RESIDUAL_SITES}, _fill_inputs),
+    "flux_fill": Family(
+        tiny_flux_fill_pipeline,
+        {**INJECTION_SITES, **RESIDUAL_SITES, **LASTING_STREAM_SITES},
+        _fill_inputs,
+    ),
     "flux": Family(tiny_flux_pipeline, _fill_sites(*_FLUX_SITES), _t5_inputs),
     # Kontext encodes its input image: the VAE encoder runs too.
     "flux_kontext": Family(

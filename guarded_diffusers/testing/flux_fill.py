@@ -35,6 +35,7 @@ from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 
 __all__ = [
     "INJECTION_SITES",
+    "LASTING_STREAM_SITES",
     "MID",
     "RESIDUAL_SITES",
     "SILENTLY_CLIPPED_SITES",
@@ -66,6 +67,10 @@ _MASSIVE_WEIGHT = 7500.0
 # 32752) while the layer before the gate reaches 1.2e5; 0.66 puts about 8e4 into the stream itself.
 _CONTAINED_GATE = 0.25
 _RESIDUAL_GATE = 0.66
+# Stream growth: a block's gated writes 2**17 times larger (the tiny stream's ~1 becomes ~1e5), split
+# between the writers' weights (2**15: at most ~6e3) and the AdaLN gates (4), all inside float16.
+_STREAM_GROWTH = 2.0**19
+_GROWTH_WEIGHT = 2.0**15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +319,12 @@ def _single_block_residual(gate: float) -> Callable[[FluxFillPipeline, int], str
     return inject
 
 
-def _double_block_ff_residual(pipe: FluxFillPipeline, block: int) -> str:
+def _double_block_massive_channel(pipe: FluxFillPipeline, block: int) -> str:
     """Massive image feed-forward output: diffusers does not clip the double block's image stream.
 
     Single blocks cannot tell image tokens from text tokens, so the block's text feed-forward adds the
-    same constant to the text stream (after the image one: ``ff.net.2`` stays the first to overflow),
-    and single block 0 removes it from every token.
+    same constant to the text stream (after the image one: ``ff.net.2`` stays the first to overflow).
+    Nothing removes it: every later LayerNorm and ``norm_out`` read it, as real massive activations.
     """
     layer, dim = pipe.transformer.transformer_blocks[block], pipe.transformer.inner_dim
     # AdaLayerNormZero chunks into (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp).
@@ -327,9 +332,47 @@ def _double_block_ff_residual(pipe: FluxFillPipeline, block: int) -> str:
         _massive_activation(
             feed_forward.net[0].proj, feed_forward.net[2], 0, norm.linear, 5 * dim, _RESIDUAL_GATE
         )
-    _single_block_massive(pipe, 0, _RESIDUAL_GATE, -_MASSIVE_WEIGHT)
     _head_ignores_massive_channels(pipe)
     return f"transformer.transformer_blocks.{block}.ff.net.2"
+
+
+def _double_block_ff_residual(pipe: FluxFillPipeline, block: int) -> str:
+    """``_double_block_massive_channel``, removed again from every token by single block 0."""
+    module = _double_block_massive_channel(pipe, block)
+    _single_block_massive(pipe, 0, _RESIDUAL_GATE, -_MASSIVE_WEIGHT)
+    return module
+
+
+@torch.no_grad()
+def _grow(writers: list[nn.Linear], modulation: nn.Linear, gate_rows: list[int], dim: int) -> None:
+    """Make ``writers``' gated contributions to the stream ``_STREAM_GROWTH`` times larger.
+
+    The writers' weights and biases take ``_GROWTH_WEIGHT``, the AdaLN gates (``modulation``'s rows
+    from each of ``gate_rows``) the rest, so every weight stays inside float16's range.
+    """
+    for writer in writers:
+        writer.weight *= _GROWTH_WEIGHT
+        writer.bias *= _GROWTH_WEIGHT
+    for row in gate_rows:
+        modulation.weight[row : row + dim] *= _STREAM_GROWTH / _GROWTH_WEIGHT
+        modulation.bias[row : row + dim] *= _STREAM_GROWTH / _GROWTH_WEIGHT
+
+
+def _double_block_stream_growth(pipe: FluxFillPipeline, block: int) -> str:
+    """Double block ``block`` writes 2**17 times more into both streams: the image stream passes 65504."""
+    layer, dim = pipe.transformer.transformer_blocks[block], pipe.transformer.inner_dim
+    gates = [2 * dim, 5 * dim]  # gate_msa, gate_mlp
+    _grow([layer.attn.to_out[0], layer.ff.net[2]], layer.norm1.linear, gates, dim)
+    _grow([layer.attn.to_add_out, layer.ff_context.net[2]], layer.norm1_context.linear, gates, dim)
+    return f"transformer.transformer_blocks.{block}.attn.to_out.0"
+
+
+def _single_block_stream_growth(pipe: FluxFillPipeline, block: int) -> str:
+    """Single block ``block`` writes 2**17 times more into the stream, which diffusers clips at 65504."""
+    layer, dim = pipe.transformer.single_transformer_blocks[block], pipe.transformer.inner_dim
+    # AdaLayerNormZeroSingle chunks its linear into (shift, scale, gate).
+    _grow([layer.proj_out], layer.norm.linear, [2 * dim], dim)
+    return f"transformer.single_transformer_blocks.{block}.proj_out"
 
 
 # Kept apart from INJECTION_SITES: not every site here makes float16 non-finite.
@@ -337,6 +380,15 @@ RESIDUAL_SITES: dict[str, Callable[[FluxFillPipeline, int], str]] = {
     "single_block_proj_out": _single_block_residual(_CONTAINED_GATE),
     "single_block_residual": _single_block_residual(_RESIDUAL_GATE),
     "double_block_ff_residual": _double_block_ff_residual,
+}
+# Residual-stream overflows that last to the output norm: nothing cancels them. A massive channel that
+# every later LayerNorm reads, or blocks whose writes make the whole stream grow past 65504, as the
+# stream of real checkpoints grows through their blocks. Added after the bake and kept out of its
+# development: held-out cases for it (bench/bake.py).
+LASTING_STREAM_SITES: dict[str, Callable[[FluxFillPipeline, int], str]] = {
+    "double_block_massive_channel": _double_block_massive_channel,
+    "double_block_stream_growth": _double_block_stream_growth,
+    "single_block_stream_growth": _single_block_stream_growth,
 }
 # Residual sites that plain float16 clips at +-65504: finite images from a wrong residual stream, no NaN.
 # The cancelling block turns the clipped 65504 into -65504 (its own gated sum overflows and is clipped
@@ -352,11 +404,12 @@ def inject_overflow(pipe: FluxFillPipeline, site: str, block: int = 0) -> str:
     finite in float32 and bfloat16. In float16 it is non-finite, except at the
     ``SILENTLY_CLIPPED_SITES``, where diffusers' clipping keeps it finite and wrong.
     """
-    sites = {**INJECTION_SITES, **RESIDUAL_SITES}
+    sites = {**INJECTION_SITES, **RESIDUAL_SITES, **LASTING_STREAM_SITES}
     if site not in sites:
         raise ValueError(
             f"Unknown injection site {site!r}; known sites: {', '.join(INJECTION_SITES)};"
-            f" residual-stream sites: {', '.join(RESIDUAL_SITES)}."
+            f" residual-stream sites: {', '.join(RESIDUAL_SITES)};"
+            f" lasting stream sites: {', '.join(LASTING_STREAM_SITES)}."
         )
     return sites[site](pipe, block)
 
