@@ -36,16 +36,21 @@ class Scaling:
 
     def subnormals(self) -> dict[str, int]:
         """Scaled weights that become float16 subnormals or zero, against the unscaled ones."""
-        counts = {"subnormal_before": 0, "subnormal_after": 0, "zero_after": 0, "scaled_elements": 0}
-        for tensor, exponent in self.tensors:
-            values = tensor.detach().float().abs()
-            after = values * 2.0**exponent
-            nonzero = values > 0
-            counts["subnormal_before"] += int((nonzero & (values < FLOAT16_SMALLEST_NORMAL)).sum())
-            counts["subnormal_after"] += int((nonzero & (after < FLOAT16_SMALLEST_NORMAL)).sum())
-            counts["zero_after"] += int((nonzero & (after < FLOAT16_SMALLEST_SUBNORMAL / 2)).sum())
-            counts["scaled_elements"] += tensor.numel()
-        return counts
+        return subnormal_counts(self.tensors)
+
+
+def subnormal_counts(scaled: Iterable[tuple[torch.Tensor, int]]) -> dict[str, int]:
+    """``Scaling.subnormals`` for (unscaled tensor, exponent) pairs, taken one at a time."""
+    counts = {"subnormal_before": 0, "subnormal_after": 0, "zero_after": 0, "scaled_elements": 0}
+    for tensor, exponent in scaled:
+        values = tensor.detach().float().abs()
+        after = values * 2.0**exponent
+        nonzero = values > 0
+        counts["subnormal_before"] += int((nonzero & (values < FLOAT16_SMALLEST_NORMAL)).sum())
+        counts["subnormal_after"] += int((nonzero & (after < FLOAT16_SMALLEST_NORMAL)).sum())
+        counts["zero_after"] += int((nonzero & (after < FLOAT16_SMALLEST_SUBNORMAL / 2)).sum())
+        counts["scaled_elements"] += tensor.numel()
+    return counts
 
 
 def _module(pipe: Any, name: str) -> nn.Module:

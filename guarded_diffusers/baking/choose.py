@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from typing import Any
 
 from .cuts import Cut
@@ -83,3 +84,19 @@ def choose(cuts: list[Cut], headroom_peak: float = HEADROOM_PEAK) -> list[Choice
         else:
             choices.append(Choice(cut, needed, needed))
     return choices
+
+
+def within(choices: list[Choice], components: Collection[str]) -> list[Choice]:
+    """``choices`` with every cut written outside ``components`` kept at 0, with why: a bake that
+    writes only some components (a single-file transformer) cannot scale the others' tensors."""
+    kept = []
+    for choice in choices:
+        outside = sorted(
+            {name.partition(".")[0] for name in choice.cut.writers + choice.cut.params} - set(components)
+        )
+        if choice.k and outside:
+            choice = dataclasses.replace(
+                choice, k=0, breaks=f"in {', '.join(outside)}, which this bake does not write"
+            )
+        kept.append(choice)
+    return kept

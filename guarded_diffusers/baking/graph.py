@@ -38,8 +38,9 @@ _UNION_ALL = {
 }  # fmt: skip
 _UNION_FIRST = {
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze", "chunk",
-    "split", "tensor_split", "unbind", "__getitem__", "contiguous", "clone", "to", "float", "half",
-    "bfloat16", "double", "type", "type_as", "expand", "expand_as", "repeat", "narrow", "select",
+    "split", "split_with_sizes", "tensor_split", "hsplit", "vsplit", "unbind", "__getitem__",
+    "contiguous", "clone", "to", "float", "half", "bfloat16", "double", "type", "type_as", "expand",
+    "expand_as", "repeat", "narrow", "select",
     "clamp", "clip", "clamp_", "clip_", "dropout", "interpolate", "pad", "neg", "__neg__", "movedim",
     "moveaxis", "flip", "roll", "__get__", "detach", "view_as", "reshape_as", "t", "swapaxes",
     "pixel_shuffle", "pixel_unshuffle", "avg_pool2d", "max_pool2d", "sum", "mean", "_unflatten",

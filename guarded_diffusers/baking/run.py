@@ -3,23 +3,29 @@
 The steps, each in its own module: ``calibrate`` (float32 run, every stage traced), ``cuts``
 (scale classes merged over calls), ``choose`` (k per cut), ``apply`` (powers of two per tensor),
 ``verify`` (float32 and float16 fidelity), ``remaining`` (what still overflows). ``write`` puts a
-passing bake into a folder plain diffusers loads.
+passing bake into a folder plain diffusers loads. Every run reads its weights through ``Weights``:
+the pipeline's own tensors (``InMemory``), or block by block from a folder's files
+(``streamed.load_streamed``), which is the same bake for a model that does not fit in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+import gc
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from ..core.plan import PrecisionPlan
 from .apply import Scaling, scaling_for
 from .calibrate import Call, calibrate, run_images
-from .choose import HEADROOM_PEAK, Choice, choose
+from .choose import HEADROOM_PEAK, Choice, choose, within
 from .remaining import Remaining, plan_for, recording, remaining
 from .verify import Checks, cast_copy, run_psnr, worst_psnr
+
+Exponents = dict[str, dict[str, int]]
 
 FORMAT = "guarded-diffusers/bake"
 VERSION = 1
@@ -69,6 +75,29 @@ class BakeResult:
         }
 
 
+class Weights(Protocol):
+    """Where a bake's runs find the weights its pipeline does not hold in memory."""
+
+    def running(self, pipe: Any, exponents: Exponents) -> contextlib.AbstractContextManager[None]:
+        """Within: ``pipe`` (the one baked, or a half-precision copy of it) runs with the weights
+        it does not hold scaled by ``exponents`` (by component, then tensor name)."""
+        ...
+
+    def subnormals(self, scaling: Scaling) -> dict[str, int]:
+        """``Scaling.subnormals`` counted on the unscaled weights, wherever they are."""
+        ...
+
+
+class InMemory:
+    """Every weight is the pipeline's own tensor, which ``Scaling.apply`` scales in place."""
+
+    def running(self, pipe: Any, exponents: Exponents) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def subnormals(self, scaling: Scaling) -> dict[str, int]:
+        return scaling.subnormals()
+
+
 def bake(
     pipe: Any,
     calls: Sequence[Call],
@@ -76,6 +105,8 @@ def bake(
     headroom_peak: float = HEADROOM_PEAK,
     check_float16: bool = True,
     progress: Progress | None = None,
+    weights: Weights | None = None,
+    components: Collection[str] | None = None,
 ) -> BakeResult:
     """Make the float32 ``pipe``'s weights float16-safe in place, by exact powers of two; say what remains.
 
@@ -83,8 +114,13 @@ def bake(
     ``baking.samples.scan_calls(pipe)``, drawn like the scan's. Raises ``BakeError`` (``pipe``
     unchanged) when the baked float32 pipeline is under 80 dB from the original or, with nothing
     left overflowing, its float16 images are less faithful than the original's float16 or bfloat16.
+    ``weights`` says where the runs read what ``pipe`` does not hold: ``streamed.load_streamed(src)``
+    gives a pipeline whose residual blocks stay in the folder's files, and its weights.
+    ``components`` names those whose weights may change (None: all); a cut elsewhere that needs
+    scaling is left as it is, said in its choice's ``breaks``.
     """
     say = progress or (lambda _: None)
+    weights = weights or InMemory()
     narrow = [
         name
         for name, component in pipe.components.items()
@@ -98,28 +134,33 @@ def bake(
         )
     pipe.set_progress_bar_config(disable=True)
     calls = list(calls)
-    calibration = calibrate(pipe, calls, say)
+    with weights.running(pipe, {}):
+        calibration = calibrate(pipe, calls, say)
     reference = calibration.images
     cuts, layers = calibration.finder.cuts()
     choices = choose(cuts, headroom_peak)
+    if components is not None:
+        choices = within(choices, components)
     scaling = scaling_for(pipe, [choice for choice in choices if choice.k], layers)
-    subnormals = scaling.subnormals()
+    subnormals = weights.subnormals(scaling)
     halves = {}
     if check_float16:
         for dtype in (torch.float16, torch.bfloat16):
-            halves[dtype] = run_psnr(cast_copy(pipe, dtype), calls, reference)
+            halves[dtype] = _cast_psnr(pipe, dtype, weights, {}, calls, reference)
             say(f"original {str(dtype).removeprefix('torch.')} checked")
     checks = Checks(baked_float32=0.0)
     scans: list = []
     scaling.apply()
     try:
-        with recording(pipe, scans):
+        with weights.running(pipe, scaling.exponents), recording(pipe, scans):
             checks.baked_float32 = worst_psnr(run_images(pipe, calls), reference)
         say("baked float32 checked")
         if check_float16:
             checks.original_float16 = halves[torch.float16]
             checks.original_bfloat16 = halves[torch.bfloat16]
-            checks.baked_float16 = run_psnr(cast_copy(pipe, torch.float16), calls, reference)
+            checks.baked_float16 = _cast_psnr(
+                pipe, torch.float16, weights, scaling.exponents, calls, reference
+            )
             say("baked float16 checked")
     except BaseException:
         scaling.apply(-1)
@@ -131,7 +172,7 @@ def bake(
     problems = checks.problems(remaining=bool(left))
     if len(result.scaled) > 1:
         scaling.apply(-1)
-        checks.per_cut_float32 = _per_cut(pipe, result, layers, calls, reference)
+        checks.per_cut_float32 = _per_cut(pipe, result, layers, weights, calls, reference)
         scaling.apply()
     if problems:
         scaling.apply(-1)
@@ -139,14 +180,35 @@ def bake(
     return result
 
 
-def _per_cut(pipe: Any, result: BakeResult, layers: dict, calls: Sequence[Call], reference: list) -> dict:
+def _cast_psnr(
+    pipe: Any,
+    dtype: torch.dtype,
+    weights: Weights,
+    exponents: Exponents,
+    calls: Sequence[Call],
+    reference: list,
+) -> float:
+    """PSNR of ``pipe`` cast to ``dtype`` as ``from_pretrained`` loads it (a copy; ``pipe`` stays float32)."""
+    copied = cast_copy(pipe, dtype)
+    try:
+        with weights.running(copied, exponents):
+            return run_psnr(copied, calls, reference)
+    finally:
+        del copied
+        gc.collect()  # a pipeline holds reference cycles: free the copy now, not during the next run
+
+
+def _per_cut(
+    pipe: Any, result: BakeResult, layers: dict, weights: Weights, calls: Sequence[Call], reference: list
+) -> dict:
     """Float32 PSNR with each scaled cut alone (the ``PER_CUT_SHOWN`` largest k): which cut the eps costs."""
     figures = {}
     for choice in sorted(result.scaled, key=lambda choice: -choice.k)[:PER_CUT_SHOWN]:
         alone = scaling_for(pipe, [choice], layers)
         alone.apply()
         try:
-            figures[choice.cut.name] = worst_psnr(run_images(pipe, calls), reference)
+            with weights.running(pipe, alone.exponents):
+                figures[choice.cut.name] = worst_psnr(run_images(pipe, calls), reference)
         finally:
             alone.apply(-1)
     return figures

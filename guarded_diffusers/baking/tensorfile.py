@@ -8,10 +8,11 @@ touched resident in the process, which for a 10 GB shard is the shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +35,19 @@ def read_header(file: BinaryIO) -> tuple[dict[str, Any], int]:
 
 def tensors_of(header: dict[str, Any]) -> dict[str, Any]:
     return {key: entry for key, entry in header.items() if key != "__metadata__"}
+
+
+@contextlib.contextmanager
+def opened(paths: Iterable[Path]) -> Iterator[dict[str, tuple[BinaryIO, dict[str, Any], int]]]:
+    """Within: every tensor of the files ``paths`` (one file or an index's shards) by name, as
+    ``read_tensor``'s arguments; only the headers are read."""
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for path in paths:
+            file = stack.enter_context(open(path, "rb"))
+            header, start = read_header(file)
+            where.update({key: (file, entry, start) for key, entry in tensors_of(header).items()})
+        yield where
 
 
 def read_tensor(file: BinaryIO, entry: dict[str, Any], start: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """``fluxguard bake SRC OUT``: a float16-safe copy of a pipeline folder, by exact powers of two.
 
-The command checks its paths before loading anything, bakes in float32 (``guarded_diffusers.bake``),
+The command checks its paths before loading anything, bakes in float32 (``guarded_diffusers.bake``)
+block by block from SRC's files (``baking.streamed``: a 12B transformer never sits in memory),
 prints the cuts it scaled, the self-check's figures and what still overflows, and writes OUT only
 when the self-check passes and nothing overflows (or ``--allow-remaining``).
 """
@@ -76,11 +77,9 @@ def run_bake_command(args: argparse.Namespace) -> int:
         raise UsageError("OUT must be a folder outside SRC")
     where = device(args.device)
     quiet()
-    import torch
-    from diffusers import DiffusionPipeline
-
     from ..baking.run import BakeError, bake
     from ..baking.samples import scan_calls
+    from ..baking.streamed import load_streamed
     from ..baking.write import BakeWriteError, check_source, write_baked
 
     try:
@@ -97,11 +96,13 @@ def run_bake_command(args: argparse.Namespace) -> int:
         bar.update()
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.src, dtype=torch.float32)
-        pipe.to(resolve_device(where))
-        calls = scan_calls(pipe, args.samples, args.max_size, args.max_steps)
         try:
-            result = bake(pipe, calls, progress=tick)
+            streamed = load_streamed(args.src, resolve_device(where))
+        except BakeWriteError as error:
+            raise UsageError(str(error)) from None
+        calls = scan_calls(streamed.pipe, args.samples, args.max_size, args.max_steps)
+        try:
+            result = bake(streamed.pipe, calls, progress=tick, weights=streamed)
         except BakeError as error:
             out.line(summary(error.result))
             out.line(f"fluxguard bake: error: self-check failed, nothing written: {error}")
