@@ -19,6 +19,7 @@ import pytest
 from hypothesis import Verbosity, given
 
 from .artifacts import folder_for, save_failure
+from .baked import BakedCheck
 from .budget import BudgetSpent, ShrinkBudget
 from .calls import call_shape
 from .checks import GuardedCheck, RawCheck
@@ -32,6 +33,8 @@ from .reproducible import reproducible_search
 from .search import item_max_guidance, item_strategy, target_peaks
 from .summary import ItemStats
 from .target import Target
+
+_CHECKS = {"raw": RawCheck, "guarded": GuardedCheck, "baked": BakedCheck}
 
 
 def run_item(
@@ -48,7 +51,7 @@ def run_item(
 def _run_item(
     item: pytest.Item, target: Target, options: FluxGuardOptions, pipelines: PipelineCache, stats: ItemStats
 ) -> None:
-    check = (GuardedCheck if target.mode == "guarded" else RawCheck)(target, options, pipelines, stats)
+    check = _CHECKS[target.mode](target, options, pipelines, stats)
     pipe = check.pipeline(guarded=False)
     try:
         strategy = item_strategy(pipe, options, target)
@@ -117,7 +120,7 @@ def _example_failures(error: BaseException) -> list[ExampleFailed] | None:
 def _explain(
     item: pytest.Item,
     options: FluxGuardOptions,
-    check: RawCheck | GuardedCheck,
+    check: RawCheck | GuardedCheck | BakedCheck,
     failures: list[ExampleFailed],
 ) -> str:
     """The first failure in full; others in two lines each (hypothesis replays them first next run)."""

@@ -38,6 +38,8 @@ class FluxGuardOptions:
     loras: tuple[Path, ...] = ()
     max_lora_scale: float = 1.5
     max_shrinks: int = 50
+    baked: Path | None = None
+    original: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,20 @@ _OPTIONS = (
         "N",
         "50",
         "Pipeline calls an item spends shrinking, per distinct failure (0: report each as found).",
+    ),
+    _Option(
+        "baked",
+        "PATH",
+        "",
+        "A folder fluxguard bake wrote: one item runs its baked weights in float16 with plain diffusers "
+        "and fails unless its pixels are finite and as faithful to the original in float32 as bfloat16.",
+    ),
+    _Option(
+        "original",
+        "PATH",
+        "",
+        "The folder --fluxguard-baked was baked from (default: the baked folder's own default weights, "
+        "where the bake is a variant: fluxguard bake --variant fp16).",
     ),
 )
 _LORA = _Option(
@@ -169,6 +185,10 @@ def _loras(config: pytest.Config) -> tuple[Path, ...]:
     return tuple(dict.fromkeys((base / path).resolve() for path in paths if path.strip()))
 
 
+def _path(value: str, base: Path) -> Path | None:
+    return (base / value).resolve() if value else None
+
+
 def _optional(parse: Callable[[str], Any], value: str) -> Any:
     return parse(value) if value else None
 
@@ -177,7 +197,7 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
     """Read every option (command line, then ini, then default) and check it."""
     raw = {option.field: _raw_value(config, option) for option in _OPTIONS}
     flag = {option.field: option.flag for option in _OPTIONS}
-    model, model_base = raw["model"]
+    model, baked, original = (_path(*raw[field]) for field in ("model", "baked", "original"))
     artifacts, artifacts_base = raw["artifacts"]
     min_psnr = raw["min_psnr"][0]
     loras = _loras(config)
@@ -185,11 +205,13 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
         raise pytest.UsageError(
             f"{_LORA.flag} needs the base model: --fluxguard-model PATH (or fluxguard_model)."
         )
+    if original and not baked:
+        raise pytest.UsageError(f"{flag['original']} goes with {flag['baked']} PATH (or fluxguard_baked).")
     device = _choices(flag["device"], DEVICES)(raw["device"][0])
     if len(device) != 1:
         raise pytest.UsageError(f"{flag['device']} takes one device, got {raw['device'][0]!r}.")
     return FluxGuardOptions(
-        model=(model_base / model).resolve() if model else None,
+        model=model,
         dtypes=check_dtypes(raw["dtype"][0], flag["dtype"]),
         modes=_choices(flag["mode"], MODES)(raw["mode"][0]),
         examples=_bounded(flag["examples"], int, 1)(raw["examples"][0]),
@@ -203,4 +225,6 @@ def resolve(config: pytest.Config) -> FluxGuardOptions:
         loras=loras,
         max_lora_scale=_bounded(flag["lora_scale"], float, 0.0)(raw["lora_scale"][0]),
         max_shrinks=_bounded(flag["max_shrinks"], int, 0)(raw["max_shrinks"][0]),
+        baked=baked,
+        original=original,
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from .baked_folder import FluxGuardBaked
 from .collect import OPTIONS_KEY, PIPELINES_KEY, FluxGuardModel, collector_name
 from .options import add_options, check_dtypes, resolve
 from .pipelines import LoRAUnavailable, PipelineCache
@@ -21,6 +22,10 @@ from .summary import ItemStats, limitations, table
 
 MARKER = "fluxguard"
 _MARKER_ARGUMENTS = ("examples", "dtypes")
+# Weight sets kept loaded: an item's and its float32 reference; a baked item's examples run three
+# (the baked float16 weights, the original in float32 and in bfloat16).
+_LOADED = 2
+_LOADED_WITH_BAKED = 3
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,7 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     options = resolve(config)
     config.stash[OPTIONS_KEY] = options
-    config.stash[PIPELINES_KEY] = PipelineCache(options.device)
+    loaded = _LOADED_WITH_BAKED if options.baked is not None else _LOADED
+    config.stash[PIPELINES_KEY] = PipelineCache(options.device, capacity=loaded)
     if config.getoption("hypothesis_profile", None) == PROFILE:
         register_profile(config.rootpath)
 
@@ -49,15 +55,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
-    """Add the model folder's items next to whatever the session collected from its arguments."""
+    """Add the model folder's and the baked folder's items next to what the session collected."""
     report = yield
     options = collector.config.stash[OPTIONS_KEY]
-    if isinstance(collector, pytest.Session) and report.passed and options.model is not None:
-        name = collector_name(options.model, collector.config.rootpath)
-        # An explicit node id: derived from the session's, it would depend on the invocation directory.
-        report.result.append(
-            FluxGuardModel.from_parent(collector, name=name, path=options.model, nodeid=name)
-        )
+    if not (isinstance(collector, pytest.Session) and report.passed):
+        return report
+    for folder, kind in ((options.model, FluxGuardModel), (options.baked, FluxGuardBaked)):
+        if folder is not None:
+            name = collector_name(folder, collector.config.rootpath)
+            # An explicit node id: derived from the session's, it would depend on the invocation directory.
+            report.result.append(kind.from_parent(collector, name=name, path=folder, nodeid=name))
     return report
 
 

@@ -44,7 +44,7 @@ def item_max_guidance(
 ) -> tuple[float, float | None]:
     """The largest guidance the item draws, and the dtype's limit when that lowered it (raw items).
 
-    Where the transformer ``embeds_guidance``, raw items stay within what plain diffusers carries:
+    Where the transformer ``embeds_guidance``, raw (and baked) items stay within what plain diffusers carries:
     beyond it every float16 Flux model overflows in ``FluxTransformer2DModel.forward``, whatever the
     weights. Guarded items draw the full range (the guard's ``guidance`` fix carries it). Pipelines
     without guidance embeddings draw classifier-free guidance up to 20; an explicit option applies
@@ -54,7 +54,7 @@ def item_max_guidance(
         return options.max_guidance, None
     if not embeds_guidance:
         return CFG_MAX_GUIDANCE, None
-    if target.mode == "raw":
+    if target.mode != "guarded":  # raw and baked items run plain diffusers
         limit = guidance_limit(target.dtype)
         if limit < DEFAULT_MAX_GUIDANCE:
             return limit, limit

@@ -10,7 +10,8 @@ from pathlib import Path
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Weights, dtype and mode of one item; ``reference_variant`` gives the float32 reference for
-    --fluxguard-min-psnr; ``lora``, a LoRA loaded on the weights (the reference gets it too)."""
+    --fluxguard-min-psnr (from ``reference_path`` where it is set: a baked item's original);
+    ``lora``, a LoRA loaded on the weights (the reference gets it too)."""
 
     path: Path
     variant: str | None
@@ -18,3 +19,4 @@ class Target:
     mode: str
     reference_variant: str | None
     lora: Path | None = None
+    reference_path: Path | None = None

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .record import NotBakedError, file_metadata
 from .tensorfile import read_header, tensors_of
 from .write import SIDECAR, weight_files, weighted_components
 
@@ -37,10 +38,6 @@ _KEY = re.compile(
     r"|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|alpha)(?:\.(?P<rest>.+))?$"
 )
 _SCALED_LIKE_WEIGHT = {"lora_B", "lora_up", "lora.up", "lora_embedding_B", "lora_magnitude_vector"}
-
-
-class NotBakedError(ValueError):
-    """The folder is not a bake (no ``fluxguard-bake.json``), or a LoRA does not fit it."""
 
 
 def baked_exponents(folder: str | os.PathLike[str], variant: str | None = None) -> Exponents:
@@ -62,7 +59,7 @@ def baked_exponents(folder: str | os.PathLike[str], variant: str | None = None) 
     baked: Exponents = {}
     for component, names in exponents.items():
         files = _files(root / component, stems[component], variant) if component in stems else []
-        if names and any(_metadata(path).get("fluxguard-bake") for path in files):
+        if names and any(file_metadata(path).get("fluxguard-bake") for path in files):
             baked[component] = {str(name): int(value) for name, value in names.items()}
     return baked
 
@@ -80,11 +77,6 @@ def _files(directory: Path, stem: str, variant: str | None) -> list[Path]:
         return weight_files(directory, stem)
     except ValueError:
         return []
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as file:
-        return read_header(file)[0].get("__metadata__") or {}
 
 
 def folder_layers(folder: str | os.PathLike[str], variant: str | None = None) -> HasLayer:
@@ -190,7 +182,7 @@ def read_lora(
             raise NotBakedError(f"LoRA {file} does not exist")
         source, where = str(file.parent), {"weight_name": file.name}
         try:
-            metadata = _metadata(file)
+            metadata = file_metadata(file)
         except (struct.error, UnicodeDecodeError, json.JSONDecodeError):
             raise NotBakedError(f"LoRA {file} is not a safetensors file") from None
     takes_alphas = "return_alphas" in inspect.signature(cls.lora_state_dict).parameters

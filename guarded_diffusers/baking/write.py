@@ -19,20 +19,23 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from .record import METADATA_KEY, SIDECAR
 from .run import BakeResult
 from .tensorfile import DTYPES, read_header, read_tensor, tensors_of, write_streamed
 
-SIDECAR = "fluxguard-bake.json"
 PLAN_FILE = "fluxguard-plan.json"
 VARIANTS = {"fp16": torch.float16}
 _STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
+# A tensor's exponent: one for all of it, or (start, stop, k) runs of its rows (a slice of a fused
+# tensor, such as a single-file checkpoint's qkv); rows in no run keep their values.
+Exponent = int | list[tuple[int, int, int]]
 
 
 class BakeWriteError(ValueError):
@@ -67,12 +70,18 @@ def check_source(src: Path) -> None:
         weight_files(src / component, stem)
 
 
-def _scaled(tensor: torch.Tensor, exponent: int, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+def _scaled(tensor: torch.Tensor, exponent: Exponent, dtype: torch.dtype | None, name: str) -> torch.Tensor:
     """``tensor * 2**exponent`` in ``dtype`` (default: its own); refused where that overflows."""
     if not tensor.is_floating_point():
         return tensor
     target = dtype or tensor.dtype
-    scaled = (tensor.float() * 2.0**exponent).to(target) if exponent else tensor.to(target)
+    if isinstance(exponent, int):
+        scaled = (tensor.float() * 2.0**exponent).to(target) if exponent else tensor.to(target)
+    else:
+        scaled = tensor.float()  # a fresh read: scaled in place, run by run
+        for start, stop, k in exponent:
+            scaled[start:stop] *= 2.0**k
+        scaled = scaled.to(target)
     if not torch.isfinite(scaled).all() and torch.isfinite(tensor).all():
         raise BakeWriteError(f"{name} does not fit {target} once scaled by 2**{exponent}")
     return scaled
@@ -81,21 +90,23 @@ def _scaled(tensor: torch.Tensor, exponent: int, dtype: torch.dtype | None, name
 def stream_file(
     sources: list[Path],
     target: Path,
-    exponents: dict[str, int],
+    exponents: Mapping[str, Exponent],
     dtype: torch.dtype | None = None,
     tick: Callable[[str], None] = lambda _: None,
+    metadata: Mapping[str, str] | None = None,
 ) -> set[str]:
     """Every tensor of ``sources`` into one safetensors ``target``, scaled, one tensor in memory at a time.
 
-    ``dtype`` casts the floating tensors (a variant); returns the names scaled.
+    ``dtype`` casts the floating tensors (a variant); ``metadata`` joins the files' own; returns the
+    names scaled.
     """
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(path, "rb")) for path in sources]
-        metadata: dict[str, str] = {}
+        kept: dict[str, str] = {}
         where: dict[str, tuple[BinaryIO, dict, int]] = {}
         for file in files:
             header, start = read_header(file)
-            metadata.update(header.get("__metadata__") or {})
+            kept.update(header.get("__metadata__") or {})
             for key, entry in tensors_of(header).items():
                 where[key] = (file, entry, start)
         mine = {key: exponents[key] for key in where if key in exponents}
@@ -117,7 +128,9 @@ def stream_file(
             return _scaled(read_tensor(file, entry, start), exponents.get(key, 0), out_dtype, key)
 
         partial = target.with_name(target.name + ".partial")
-        write_streamed(partial, entries, produce, {**metadata, "fluxguard-bake": json.dumps(mine)})
+        write_streamed(
+            partial, entries, produce, {**kept, **(metadata or {}), METADATA_KEY: json.dumps(mine)}
+        )
     mode = sources[0].stat().st_mode
     os.replace(partial, target)
     target.chmod(mode)
