@@ -17,7 +17,8 @@ plain float16 calls in interleaved rounds next to a plain-against-plain control.
 The exit status is 1 when a gate fails, so this is also a check: where there are incidents, guarded
 float16 at least the required margin above bfloat16, the first incident located at the injected
 module and recovered (measured within 2**-8 of float32 by the guard itself), at most 2 extra denoiser
-forwards per incident (plus one for each fix the guard tried and did not keep) and parameter memory
+forwards per incident (plus one for each fix the guard tried and did not keep, and stream_rescale's own
+trace and float32 reference of the component) and parameter memory
 at most 1.05x (the guard's default budget); on the clean model, guarded float16 images equal plain
 float16's bit for bit. The required margin is 20 dB, capped at the family's own float16 margin on its
 clean model less 3 dB: no recovery is closer to float32 than float16 without overflow, which keeps
@@ -128,6 +129,19 @@ class SeedResult:
         costs = {"degraded": 1, "unmeasured": 1, "not held": 2}
         return sum(costs.get(a["outcome"], 0) for incident in self.incidents for a in incident["attempts"])
 
+    @property
+    def search_forwards(self) -> int:
+        """Forwards ``stream_rescale`` runs itself: one float32 reference of the whole component per
+        attempt it made (the fix changes every writer of the stream), and one trace of the component
+        per call (cached for the later attempts)."""
+        made = sum(
+            1
+            for incident in self.incidents
+            for a in incident["attempts"]
+            if a["strategy"] == "stream_rescale" and a["outcome"] != "declined"
+        )
+        return made + (made > 0)
+
     def to_dict(self) -> dict[str, Any]:
         """The measured fields plus the derived margin and extra forwards."""
         return {
@@ -178,7 +192,8 @@ class SiteResult:
                     problems.append(f"{where}: located {first['module']}, injected {self.injected_module}")
             elif self.site != CLEAN:
                 problems.append(f"{where}: no incident reported")
-            allowed = MAX_EXTRA_FORWARDS_PER_INCIDENT * len(seed.incidents) + seed.retried_forwards
+            allowed = MAX_EXTRA_FORWARDS_PER_INCIDENT * len(seed.incidents)
+            allowed += seed.retried_forwards + seed.search_forwards
             if not seed.extra_forwards <= allowed:
                 problems.append(
                     f"{where}: {seed.extra_forwards} extra denoiser forwards for "

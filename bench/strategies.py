@@ -143,6 +143,23 @@ def plain_pipelines(path: Path, seeds: int) -> dict[str, Any]:
     }
 
 
+def prepared_site(workdir: str, site: str, seeds: int, rounds: int) -> tuple[Path, dict[str, Any], float]:
+    """A tiny pipeline saved with ``site`` injected, its plain pipelines (``plain_pipelines``) and the
+    plain-against-plain float16 time ratio, the noise floor of every ratio measured on it."""
+    path = Path(workdir) / site
+    save_tiny_pipeline(path, site=site)
+    plain = plain_pipelines(path, seeds)
+    baseline = lambda: _common.generate(plain["float16"])  # noqa: E731
+    return path, plain, interleaved_ratio(baseline, baseline, rounds)
+
+
+def add_options(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """``--seeds``, ``--rounds`` (default ``rounds``) and ``--threads`` (default 1: steadier timing)."""
+    parser.add_argument("--seeds", type=int, default=3, help="input/generator seeds for PSNR (default 3)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"A B B A rounds (default {rounds})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timing)")
+
+
 def _cell(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "failed" if value is None else f"{value:.{digits}f}{suffix}"
 
@@ -167,9 +184,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="input/generator seeds for PSNR (default 3)")
-    parser.add_argument("--rounds", type=int, default=5, help="A B B A timing rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timing)")
+    add_options(parser, rounds=5)
     parser.add_argument(
         "--max-extra-memory",
         type=float,
@@ -185,11 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="guarded-strategies-") as workdir:
         for site in INJECTION_SITES:
-            path = Path(workdir) / site
-            save_tiny_pipeline(path, site=site)
-            plain = plain_pipelines(path, args.seeds)
-            baseline = lambda plain=plain: _common.generate(plain["float16"])  # noqa: E731
-            controls.append(interleaved_ratio(baseline, baseline, args.rounds))
+            path, plain, control = prepared_site(workdir, site, args.seeds, args.rounds)
+            controls.append(control)
             rows.extend(
                 measure(site, name, path, args.seeds, args.rounds, plain, args.max_extra_memory)
                 for name in SITE_STRATEGIES

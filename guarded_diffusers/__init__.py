@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .baking.lora import bake_lora
+    from .baking.record import BakedCut, BakeRecord, NotBakedError, read_bake
     from .baking.run import BakeError, BakeResult, bake
+    from .baking.verify import FLOAT16_TOLERANCE_DB
     from .core.devices import resolve_device
     from .core.fidelity import as_displayed, psnr
     from .core.hookspecs import hookimpl
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from .core.plugins import plugin_manager
     from .core.recovery import Declined, Fix, RecoveryStrategy
     from .core.report import Attempt, DegradedFixWarning, FixInForce, GuardReport, Incident, NonFiniteError
+    from .core.stream import saturation_limit
     from .pipelines.attach import guard, unguard
     from .pipelines.classes import (
         GuardedFluxImg2ImgPipeline,
@@ -46,12 +49,15 @@ _EXPORTS = {
     "as_displayed": "core.fidelity",
     "Attempt": "core.report",
     "bake": "baking.run",
+    "BakedCut": "baking.record",
     "BakeError": "baking.run",
+    "BakeRecord": "baking.record",
     "BakeResult": "baking.run",
     "bake_lora": "baking.lora",
     "Declined": "core.recovery",
     "DegradedFixWarning": "core.report",
     "Fix": "core.recovery",
+    "FLOAT16_TOLERANCE_DB": "baking.verify",
     "FixInForce": "core.report",
     "guard": "pipelines.attach",
     "GuardedFluxFillPipeline": "pipelines.flux_fill",
@@ -76,19 +82,25 @@ _EXPORTS = {
     "hookimpl": "core.hookspecs",
     "Incident": "core.report",
     "NonFiniteError": "core.report",
+    "NotBakedError": "baking.record",
     "pixel_multiple": "pipelines.guarded",
     "plugin_manager": "core.plugins",
     "PrecisionPlan": "core.plan",
     "psnr": "core.fidelity",
+    "read_bake": "baking.record",
     "RecoveryStrategy": "core.recovery",
     "resolve_device": "core.devices",
+    "saturation_limit": "core.stream",
     "unguard": "pipelines.attach",
 }
 
 __all__ = [
+    "FLOAT16_TOLERANCE_DB",
     "Attempt",
     "BakeError",
+    "BakeRecord",
     "BakeResult",
+    "BakedCut",
     "Declined",
     "DegradedFixWarning",
     "Fix",
@@ -114,6 +126,7 @@ __all__ = [
     "GuardedStableDiffusionXLPipeline",
     "Incident",
     "NonFiniteError",
+    "NotBakedError",
     "PrecisionPlan",
     "RecoveryStrategy",
     "as_displayed",
@@ -124,7 +137,9 @@ __all__ = [
     "pixel_multiple",
     "plugin_manager",
     "psnr",
+    "read_bake",
     "resolve_device",
+    "saturation_limit",
     "unguard",
 ]
 __version__ = "0.1.0"

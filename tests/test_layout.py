@@ -12,7 +12,13 @@ PACKAGES = ("guarded_diffusers", "pytest_fluxguard")
 # What each layer of guarded_diffusers may import from the package (module-level imports).
 ALLOWED = {
     "guarded_diffusers.core": ("guarded_diffusers.core", "guarded_diffusers.strategies"),
-    "guarded_diffusers.strategies": ("guarded_diffusers.core", "guarded_diffusers.strategies"),
+    # stream_rescale finds the stream's writers with the bake's tracer and applies its scaling rules
+    # at run time: strategies -> baking -> core, one way (baking never imports a strategy).
+    "guarded_diffusers.strategies": (
+        "guarded_diffusers.core",
+        "guarded_diffusers.strategies",
+        "guarded_diffusers.baking",
+    ),
     "guarded_diffusers.testing": ("guarded_diffusers.testing",),
     # The bake sits beside the scan: it measures with core and reads the scan's headroom and plans.
     "guarded_diffusers.baking": (

@@ -103,7 +103,7 @@ def test_default_order_favours_fidelity(saved_model):
     folder, _ = saved_model()
     pipe = load(GuardedFluxFillPipeline, folder, torch.float16)
     assert [strategy.name for strategy in pipe.guard.strategies] == list(DEFAULT_STRATEGIES)
-    assert DEFAULT_STRATEGIES == ("guidance", "upcast", "rescale", "residual", "clamp")
+    assert DEFAULT_STRATEGIES == ("guidance", "upcast", "rescale", "stream_rescale", "residual", "clamp")
 
 
 def test_from_pipe_takes_guard_strategies(saved_model):
@@ -122,7 +122,7 @@ def test_from_pipe_takes_guard_strategies(saved_model):
             ["upcats"],
             ValueError,
             r"Unknown recovery strategy in `guard_strategies`: 'upcats'\. "
-            "Known: clamp, guidance, rescale, residual, upcast",
+            "Known: clamp, guidance, rescale, residual, stream_rescale, upcast",
         ),
         (["clamp", "clamp"], ValueError, "names a strategy twice"),
         ("clamp", TypeError, "must be a list of names"),

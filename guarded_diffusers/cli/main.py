@@ -30,7 +30,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 SCAN_DTYPES = ("float16", "bfloat16")  # recorded in float32, so only narrower dtypes can be judged
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # The guard's own order (guarded_diffusers.core.plugins.DEFAULT_STRATEGIES, which imports torch).
-DEFAULT_STRATEGIES = "guidance,upcast,rescale,residual,clamp"
+DEFAULT_STRATEGIES = "guidance,upcast,rescale,stream_rescale,residual,clamp"
 
 FILL_HELP = """\
 Guarded inpainting: non-finite stages are found and recovered; prints the guard's incidents.

@@ -161,8 +161,12 @@ class _Widened:
 
 
 def _plan_widening(module: nn.Module, budget: int) -> list[_Widened]:
-    """Whole subtrees that fit ``budget`` in float32 at once; larger modules only their own tensors."""
-    if float32_extra_bytes(module) <= budget:
+    """Whole subtrees that fit ``budget`` in float32 at once; larger modules only their own tensors.
+
+    A ``ModuleList`` or ``ModuleDict`` is never called (its items are: ``attn.to_out[0]``), so its
+    items are widened one by one, however small the container.
+    """
+    if float32_extra_bytes(module) <= budget and not isinstance(module, nn.ModuleList | nn.ModuleDict):
         return [_Widened(module, floating_state(module))]
     managed = managed_tensor_ids(module)
     own = {

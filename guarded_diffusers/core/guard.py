@@ -22,6 +22,7 @@ import torch
 from diffusers.utils import logging
 from torch import nn
 
+from .baked import baked_exponents
 from .casting import module_dtype, tensor_bytes
 from .checks import host_absmax
 from .compiled import eager_module, is_compiled, watch_calls
@@ -80,6 +81,12 @@ class Guard:
     def stages(self) -> tuple[Stage, ...]:
         """The stages a call checks, from the pipeline's components as they are now."""
         return discover_stages(self._pipeline)
+
+    @property
+    def baked_exponents(self) -> dict[str, dict[str, int]]:
+        """``{component: {tensor name: exponent}}`` of the components loaded from a baked folder: the
+        powers of two already in their weights (``fluxguard bake``). Run-time fixes measure on them."""
+        return baked_exponents(self._pipeline.components)
 
     @property
     def fixes(self) -> list[Fix]:
@@ -209,6 +216,7 @@ class Guard:
             for handle in handles:
                 handle.remove()
             call.report.fixes = self.in_force()
+            call.report.baked = self.baked_exponents
             self.last_report = call.report
 
     def check_latents(self, latents: torch.Tensor, step: int) -> None:

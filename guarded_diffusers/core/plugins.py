@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import pluggy
 
-from ..strategies import clamp, guidance, rescale, residual, upcast
+from ..strategies import clamp, guidance, rescale, residual, stream_rescale, upcast
 from . import hookspecs
 from .recovery import RecoveryStrategy
 
@@ -23,12 +23,13 @@ DISABLE_AUTOLOAD_ENV = "GUARDED_DIFFUSERS_DISABLE_PLUGIN_AUTOLOAD"
 
 # The targeted fix first (it declines anything but its own case, at no cost); then best fidelity
 # first: a float32 island reaches float32's accuracy, a power-of-two shift keeps float16 weights
-# at the cost of an approximation where the path is not homogeneous, a float32 residual stream
-# fixes what no region can (the stream itself out of range), and a clamp changes the values it
-# saturates.
-DEFAULT_STRATEGIES: tuple[str, ...] = ("guidance", "upcast", "rescale", "residual", "clamp")
+# at the cost of an approximation where the path is not homogeneous. A stream out of range (no
+# region fits back) is rescaled exactly first, which costs nothing per step once made, and carried
+# in float32 where that measures beyond the tolerance (float16's precision next to a massive
+# activation); a clamp changes the values it saturates.
+DEFAULT_STRATEGIES: tuple[str, ...] = ("guidance", "upcast", "rescale", "stream_rescale", "residual", "clamp")
 
-_BUILTIN_PLUGINS = (guidance, upcast, rescale, residual, clamp)
+_BUILTIN_PLUGINS = (guidance, upcast, rescale, stream_rescale, residual, clamp)
 
 
 @functools.cache

@@ -118,6 +118,9 @@ class GuardReport:
     fixes: list[FixInForce] = dataclasses.field(default_factory=list)
     # Stages this pipeline gives the guard no way to check (no ``callback_on_step_end``: latents).
     unchecked: list[str] = dataclasses.field(default_factory=list)
+    # Loaded from a baked folder: {component: {tensor: exponent}}, the powers of two the bake put in
+    # the weights. A run-time ``stream_rescale`` fix multiplies on top of them.
+    baked: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def recovered(self) -> bool:
@@ -139,6 +142,7 @@ class GuardReport:
             "incidents": [incident.to_dict() for incident in self.incidents],
             "fixes": [dataclasses.asdict(fix) for fix in self.fixes],
             "unchecked": list(self.unchecked),
+            "baked": {component: dict(exponents) for component, exponents in self.baked.items()},
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -150,7 +154,16 @@ class GuardReport:
             lines.append("fixes in force: " + "; ".join(fix.summary() for fix in self.fixes))
         if self.unchecked:
             lines.append("unchecked stages: " + ", ".join(self.unchecked))
+        if self.baked:
+            scaled = [_baked_summary(c, e) for c, e in self.baked.items() if e]
+            lines.append("baked scales: " + ("; ".join(scaled) or "none"))
         return "\n".join(lines)
+
+
+def _baked_summary(component: str, exponents: dict[str, int]) -> str:
+    """``transformer: 16 tensors (2**-4)``: how many tensors the bake scaled, by which powers."""
+    powers = ", ".join(f"2**{exponent}" for exponent in sorted(set(exponents.values())))
+    return f"{component}: {len(exponents)} tensors ({powers})"
 
 
 class NonFiniteError(RuntimeError):

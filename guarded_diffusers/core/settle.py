@@ -32,9 +32,9 @@ from .report import Attempt, FixInForce, Incident, NonFiniteError
 from .state import StructureSnapshot
 from .stream import StreamWatch, stage_verdict
 
-# Strategies tried per incident at most (the default order has five; a strategy that declines
+# Strategies tried per incident at most (the default order has six; a strategy that declines
 # costs nothing, each other failed try one recompute of the stage).
-MAX_ATTEMPTS_PER_INCIDENT = 5
+MAX_ATTEMPTS_PER_INCIDENT = 6
 
 
 def shape_of(tree: Any) -> tuple[Any, list[Any]]:
@@ -172,7 +172,11 @@ class Settler:
         if shape_of(output) != call.output_shape:
             self._reject(fix, attempt, snapshot, "invalid", "the fix changed the output's shape or dtype")
             return None
-        following = None if stage_verdict(output, call.watch.take()) is None else self.relocate(call)
+        try:
+            following = None if stage_verdict(output, call.watch.take()) is None else self.relocate(call)
+        except NonFiniteError as error:  # still flagged, but a diagnostic re-run finds nothing to name
+            self._reject(fix, attempt, snapshot, "not held", str(error))
+            return None
         if following is not None and _overflows_within(following, location, fix):
             self._reject(fix, attempt, snapshot, "not held", f"{following.module_name} is still overflowing")
             return None

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..baking.lora import baked_exponents, module_layers, scale_lora
 from ..baking.write import SIDECAR
+from ..core.baked import BAKE_MARK
+from ..core.baked import baked_exponents as marked_exponents
 
-MARK = "_fluxguard_bake_exponents"
 _WRAPPED = "_fluxguard_scales_baked_lora"
 PipelineClass = TypeVar("PipelineClass", bound=type)
 
@@ -33,16 +34,12 @@ def mark_baked(pipeline: Any, source: str | os.PathLike[str], kwargs: Mapping[st
     exponents = baked_exponents(source, kwargs.get("variant"))
     for name, component in pipeline.components.items():
         if isinstance(component, nn.Module) and name not in kwargs:
-            setattr(component, MARK, exponents.get(name, {}))
+            setattr(component, BAKE_MARK, exponents.get(name, {}))
 
 
 def baked_components(pipeline: Any) -> dict[str, dict[str, int]]:
     """{component: exponents} of the pipeline's components loaded from a bake."""
-    return {
-        name: getattr(component, MARK)
-        for name, component in pipeline.components.items()
-        if isinstance(component, nn.Module) and isinstance(getattr(component, MARK, None), dict)
-    }
+    return marked_exponents(pipeline.components)
 
 
 def scales_baked_lora(cls: PipelineClass) -> PipelineClass:
