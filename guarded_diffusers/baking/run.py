@@ -22,8 +22,9 @@ from ..core.plan import PrecisionPlan
 from .apply import Scaling, scaling_for
 from .calibrate import Call, calibrate, run_images
 from .choose import HEADROOM_PEAK, Choice, choose, within
+from .placement import VALUES, WRITERS, upstream_choices
 from .remaining import Remaining, plan_for, recording, remaining
-from .verify import Checks, cast_copy, run_psnr, worst_psnr
+from .verify import FLOAT16_TOLERANCE_DB, Checks, cast_copy, run_psnr, worst_psnr
 
 Exponents = dict[str, dict[str, int]]
 
@@ -32,6 +33,7 @@ VERSION = 1
 Progress = Callable[[str], None]
 # A failed self-check re-runs float32 with each scaled cut alone, for this many cuts at most.
 PER_CUT_SHOWN = 8
+PLACEMENTS = ("measured", WRITERS, VALUES)
 
 
 class BakeError(Exception):
@@ -107,6 +109,7 @@ def bake(
     progress: Progress | None = None,
     weights: Weights | None = None,
     components: Collection[str] | None = None,
+    placement: str = "measured",
 ) -> BakeResult:
     """Make the float32 ``pipe``'s weights float16-safe in place, by exact powers of two; say what remains.
 
@@ -117,8 +120,12 @@ def bake(
     ``weights`` says where the runs read what ``pipe`` does not hold: ``streamed.load_streamed(src)``
     gives a pipeline whose residual blocks stay in the folder's files, and its weights.
     ``components`` names those whose weights may change (None: all); a cut elsewhere that needs
-    scaling is left as it is, said in its choice's ``breaks``.
+    scaling is left as it is, said in its choice's ``breaks``. ``placement`` says where a factor
+    that can sit one layer earlier goes (``placement.py``): ``"measured"`` bakes both in float16
+    and keeps the better, ``"writers"`` or ``"values"`` takes that one without measuring the other.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     say = progress or (lambda _: None)
     weights = weights or InMemory()
     narrow = [
@@ -141,27 +148,36 @@ def bake(
     choices = choose(cuts, headroom_peak)
     if components is not None:
         choices = within(choices, components)
-    scaling = scaling_for(pipe, [choice for choice in choices if choice.k], layers)
-    subnormals = weights.subnormals(scaling)
+    scaled = [choice for choice in choices if choice.k]
+    moved = upstream_choices(cuts, layers, scaled) if placement != WRITERS else []
+    placements = _candidates(placement, scaled, moved, measurable=check_float16)
     halves = {}
+    placed: dict[str, float] = {}
     if check_float16:
         for dtype in (torch.float16, torch.bfloat16):
             halves[dtype] = _cast_psnr(pipe, dtype, weights, {}, calls, reference)
             say(f"original {str(dtype).removeprefix('torch.')} checked")
-    checks = Checks(baked_float32=0.0)
+        for name, chosen in placements.items():
+            placed[name] = _baked_float16(pipe, scaling_for(pipe, chosen, layers), weights, calls, reference)
+            say(f"baked float16 checked ({name})" if len(placements) > 1 else "baked float16 checked")
+    placement = _better_placement(placed) if len(placed) > 1 else next(iter(placements))
+    if placement == VALUES:
+        choices = choices + moved
+    scaling = scaling_for(pipe, placements[placement], layers)
+    subnormals = weights.subnormals(scaling)
+    checks = Checks(baked_float32=0.0, placement=placement)
+    if len(placed) > 1:
+        checks.placements_float16 = placed
+    if check_float16:
+        checks.original_float16 = halves[torch.float16]
+        checks.original_bfloat16 = halves[torch.bfloat16]
+        checks.baked_float16 = placed[placement]
     scans: list = []
     scaling.apply()
     try:
         with weights.running(pipe, scaling.exponents), recording(pipe, scans):
             checks.baked_float32 = worst_psnr(run_images(pipe, calls), reference)
         say("baked float32 checked")
-        if check_float16:
-            checks.original_float16 = halves[torch.float16]
-            checks.original_bfloat16 = halves[torch.bfloat16]
-            checks.baked_float16 = _cast_psnr(
-                pipe, torch.float16, weights, scaling.exponents, calls, reference
-            )
-            say("baked float16 checked")
     except BaseException:
         scaling.apply(-1)
         raise
@@ -196,6 +212,37 @@ def _cast_psnr(
     finally:
         del copied
         gc.collect()  # a pipeline holds reference cycles: free the copy now, not during the next run
+
+
+def _baked_float16(
+    pipe: Any, scaling: Scaling, weights: Weights, calls: Sequence[Call], reference: list
+) -> float:
+    """``_cast_psnr`` in float16 of ``pipe`` with ``scaling`` applied; ``pipe`` is float32 as before after."""
+    scaling.apply()
+    try:
+        return _cast_psnr(pipe, torch.float16, weights, scaling.exponents, calls, reference)
+    finally:
+        scaling.apply(-1)
+
+
+def _candidates(
+    placement: str, scaled: list[Choice], moved: list[Choice], measurable: bool
+) -> dict[str, list[Choice]]:
+    """The placements to bake, by name: both where ``placement`` is measured and both exist."""
+    if moved and placement == VALUES:
+        return {VALUES: scaled + moved}
+    if moved and measurable:
+        return {WRITERS: scaled, VALUES: scaled + moved}
+    return {WRITERS: scaled}
+
+
+def _better_placement(float16: dict[str, float]) -> str:
+    """The placement whose float16 images are closest to float32; the writers unless the other one
+    is better by more than the self-check's tolerance (noise must not move a factor)."""
+    values = float16.get(VALUES)
+    if values is not None and values > float16[WRITERS] + FLOAT16_TOLERANCE_DB:
+        return VALUES
+    return WRITERS
 
 
 def _per_cut(

@@ -66,6 +66,10 @@ class Checks:
     original_bfloat16: float | None = None
     baked_float16: float | None = None
     per_cut_float32: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Where the factors sit (``placement``): at the cuts' writers, or one layer earlier where a cut
+    # allows it; with both possible, each one's baked float16 figure (the better one is kept).
+    placement: str = "writers"
+    placements_float16: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def problems(self, remaining: bool) -> list[str]:
         """Why the bake must not be written; float16 fidelity is not judged while overflows remain."""
@@ -97,4 +101,6 @@ class Checks:
             "original_bfloat16_db": db(self.original_bfloat16),
             "baked_float16_db": db(self.baked_float16),
             "per_cut_float32_db": {name: db(value) for name, value in self.per_cut_float32.items()},
+            "placement": self.placement,
+            "placements_float16_db": {name: db(value) for name, value in self.placements_float16.items()},
         }
