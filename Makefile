@@ -51,3 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/sdxl_vae.py
 	$(PY) bench/bake.py
+	$(PY) bench/vae_fp16_fix.py
